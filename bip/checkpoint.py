@@ -1,0 +1,107 @@
+"""Atomic file writes, checkpoints that resume exactly, and reading source models.
+
+Every file a crash could truncate is written to a temporary sibling and renamed over the
+target (os.replace is atomic on POSIX), so readers see the old file or the new one, never
+half of one. Checkpoints hold only tensors and plain containers, so they load with
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bip.errors import BipError
+
+FORMAT = "bip-checkpoint-1"
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def save(path: Path, obj: dict) -> None:
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def load(path: str | Path, what: str = "checkpoint") -> dict:
+    """torch.load(weights_only=True) with one-line errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise BipError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
+        raise BipError(f"{what} {path} is corrupt or not a torch checkpoint "
+                       f"({type(err).__name__})") from None
+    if not isinstance(obj, dict):
+        raise BipError(f"{what} {path} does not hold a state dict")
+    return obj
+
+
+def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state_dict, meta) of a model to start from: our checkpoint, the reference
+    code's checkpoint ({'state_dict': ...}), or a bare state_dict."""
+    obj = load(path, "source checkpoint")
+    if obj.get("format") == FORMAT:
+        return obj["model"], obj.get("meta", {})
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BipError(f"source checkpoint {path} holds no model state_dict")
+    # DataParallel / DDP prefixes from other tools.
+    return {k.removeprefix("module."): v for k, v in state.items()}, {}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": _numpy_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> list:
+    # numpy's state holds an ndarray, which weights_only loading rejects: store plain ints.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]

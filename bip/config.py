@@ -1,0 +1,390 @@
+"""The run configuration: typed frozen sections, loaded from YAML + seed-README flags + key=value.
+
+Precedence is defaults < YAML files (in order) < command line. YAML may use the original BiP
+repository's flat keys (``arch: resnet20s``, ``lr2: 1e-4``) or our sections
+(``optim: {lr: 0.1}``); the command line takes the seed README's flags plus ``section.key=value``.
+Every value is coerced to its field's type (PyYAML reads ``1e-4`` as a string) and every
+unknown key is an error that names the closest valid keys.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from bip.errors import BipError
+
+STAGES = ("pretrain", "prune", "finetune")
+LAYER_TYPES = ("dense", "unstructured", "filter", "channel")
+METHODS = ("hydra", "bip", "omp", "imp", "random")
+SCORE_INITS = ("magnitude", "hydra", "kaiming")
+
+
+def _check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    if value not in choices:
+        raise BipError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open=False) -> None:
+    bad = value <= low if low_open else value < low
+    if bad or value > high:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise BipError(f"{name}={value} is out of range {interval}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "CIFAR10"
+    data_dir: str = "./data"        # where the dataset lives; not part of the run id
+    normalize: bool = False         # per-dataset mean/std normalisation (seed flag --normalize)
+    augment: bool = True            # pad-crop + flip (small images) / random-resized-crop (ImageNet)
+    batch_size: int = 128           # per process; the global batch is batch_size x world size
+    test_batch_size: int = 256
+    val_fraction: float = 0.1       # held out of the training split for model selection
+    split_seed: int = 0             # the same held-out split for every run and stage
+    data_fraction: float = 1.0      # use this fraction of the (remaining) training split
+    num_workers: int = 4
+    loader: str = "auto"            # auto | tensor (in-memory) | torch (DataLoader) | ffcv
+    train_beton: str = ""           # ffcv files (data.loader=ffcv)
+    val_beton: str = ""
+    synthetic_size: int = 2048      # training images of the `synthetic` dataset (test: a quarter)
+    image_size: int = 0             # ImageNet-style train/eval resolution; 0 = dataset default
+
+    def __post_init__(self):
+        _check_choice("data.loader", self.loader, ("auto", "tensor", "torch", "ffcv"))
+        _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
+        _check_range("data.data_fraction", self.data_fraction, 0.0, 1.0, low_open=True)
+        for name in ("batch_size", "test_batch_size", "synthetic_size"):
+            if getattr(self, name) < 1:
+                raise BipError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet20s"
+    num_classes: int = 0            # 0 = the dataset's number of classes
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "hydra"           # hydra | bip | omp | imp | random (stage prune)
+    layer_type: str = "dense"       # dense | unstructured | filter | channel
+    k: float = 1.0                  # fraction of weights (unstructured) / filters / channels KEPT
+    score_init: str = "kaiming"     # magnitude (--scaled-score-init) | hydra | kaiming
+    train_bn: bool = True           # hydra: train BatchNorm affine with the scores
+    imp_rate: float = 0.2           # imp: fraction of the remaining weights pruned per round
+
+    def __post_init__(self):
+        _check_choice("prune.method", self.method, METHODS)
+        _check_choice("prune.layer_type", self.layer_type, LAYER_TYPES)
+        _check_choice("prune.score_init", self.score_init, SCORE_INITS)
+        _check_range("prune.k", self.k, 0.0, 1.0, low_open=True)
+        _check_range("prune.imp_rate", self.imp_rate, 0.0, 1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class BipConfig:
+    variant: str = "paper"          # paper: the paper's update | reference: the released code's
+    alpha: float = 0.01             # paper: lower-level (weight) lr
+    beta: float = 0.1               # paper: upper-level (score) lr
+    gamma: float = 1.0              # paper: implicit-gradient scale 1/gamma (0 = no IG term)
+    lower_wd: float = 1e-4          # paper: the lower problem's ridge, as SGD weight decay
+    upper_wd: float = 0.0           # paper: weight decay on the scores
+    momentum: float = 0.9           # paper: SGD momentum at both levels
+    lr2: float = 0.1                # reference: coefficient of its slot-wise IG term
+    mask_lr: float = 0.1            # reference: initial mask-optimizer lr (overwritten, as released)
+    mask_lr_schedule: str = "cosine"  # reference: schedule of the mask optimizer (base: optim.lr)
+
+    def __post_init__(self):
+        _check_choice("bip.variant", self.variant, ("paper", "reference"))
+        _check_choice("bip.mask_lr_schedule", self.mask_lr_schedule, ("cosine", "step"))
+        if self.gamma < 0:
+            raise BipError(f"bip.gamma must be >= 0 (0 disables the IG term), got {self.gamma}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"          # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    wd: float = 5e-4
+    nesterov: bool = False
+    lr_schedule: str = "cosine"     # cosine | step | constant
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.1          # lr at the start of a linear warm-up
+
+    def __post_init__(self):
+        _check_choice("optim.optimizer", self.optimizer, ("sgd", "adam"))
+        _check_choice("optim.lr_schedule", self.lr_schedule, ("cosine", "step", "constant"))
+        if self.lr < 0 or self.wd < 0 or self.warmup_epochs < 0:
+            raise BipError("optim.lr, optim.wd and optim.warmup_epochs must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    mixed_precision: str = "no"     # no | bf16 | fp16
+    label_smoothing: float = 0.0
+    deterministic: bool = False     # cuDNN deterministic algorithms (recorded, never implied)
+    steps_per_epoch: int = 0        # > 0 caps each epoch (benchmarks, smoke runs); 0 = full
+    rewind_epoch: int = -1          # pretrain: epoch whose weights IMP rewinds to (-1: 5% of epochs)
+
+    def __post_init__(self):
+        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.epochs < 0 or self.steps_per_epoch < 0:
+            raise BipError("train.epochs and train.steps_per_epoch must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    stage: str = "pretrain"         # pretrain | prune | finetune (seed flag --exp-mode)
+    seed: int = 1234
+    exp_name: str = ""              # a label only; the folder name comes from the config hash
+    result_dir: str = "runs"
+    source_net: str = ""            # checkpoint to start from (hand-made runs)
+    parent: str = ""                # or: the run id of the parent stage, same seed (grids)
+    resume: str = ""                # checkpoint to resume from (default: the run's own)
+    print_freq: int = 100           # batches between progress-bar refreshes
+
+    def __post_init__(self):
+        _check_choice("run.stage", self.stage, STAGES)
+        if self.source_net and self.parent:
+            raise BipError("give either run.source_net or run.parent, not both")
+
+
+SECTIONS = {
+    "data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "bip": BipConfig,
+    "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    bip: BipConfig = field(default_factory=BipConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        stage, layer_type = self.run.stage, self.prune.layer_type
+        if stage == "pretrain" and layer_type != "dense":
+            raise BipError(f"pretrain trains a dense model: layer_type must be dense, got {layer_type}")
+        if stage != "pretrain" and layer_type == "dense":
+            raise BipError(f"stage {stage} needs a pruned layer type (unstructured, filter or channel)")
+
+    @property
+    def method(self) -> str:
+        """What trains in this run: dense (pretrain), finetune, or the prune method."""
+        return {"pretrain": "dense", "finetune": "finetune"}.get(self.run.stage, self.prune.method)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with ``section.key`` values replaced (coerced and validated)."""
+        return build_config([(key, value, "replace") for key, value in dotted.items()], base=self)
+
+
+# ------------------------------------------------------------------------------------------
+# Keys of the original repository (args.py and its YAML presets) -> our fields.
+
+FLAT_KEYS = {
+    "arch": "model.arch", "num_classes": "model.num_classes",
+    "dataset": "data.dataset", "data_dir": "data.data_dir", "normalize": "data.normalize",
+    "batch_size": "data.batch_size", "test_batch_size": "data.test_batch_size",
+    "num_workers": "data.num_workers", "data_fraction": "data.data_fraction",
+    "epochs": "train.epochs",
+    "optimizer": "optim.optimizer", "lr": "optim.lr", "wd": "optim.wd", "momentum": "optim.momentum",
+    "lr_schedule": "optim.lr_schedule", "warmup_epochs": "optim.warmup_epochs",
+    "warmup_lr": "optim.warmup_lr",
+    "k": "prune.k", "layer_type": "prune.layer_type", "trainer": "prune.method",
+    "scaled_score_init": "prune.score_init", "freeze_bn": "prune.train_bn",
+    "lr2": "bip.lr2", "mask_lr": "bip.mask_lr", "mask_lr_schedule": "bip.mask_lr_schedule",
+    "exp_mode": "run.stage", "seed": "run.seed", "exp_name": "run.exp_name",
+    "result_dir": "run.result_dir", "source_net": "run.source_net", "resume": "run.resume",
+    "print_freq": "run.print_freq",
+}
+# Flat keys whose value means something else in our schema.
+_TRAINERS = {"base": "hydra", "bilevel": "bip"}
+# Keys the released presets carry that change nothing there either (value checked, then dropped).
+_INERT_KEYS = {
+    "image_dim": "stored but never read by the released code",
+    "val_method": "only 'base' (clean top-1/top-5) exists",
+}
+
+
+def _translate_flat(key: str, value: Any) -> list[tuple[str, Any]]:
+    """A seed-style flat key -> our dotted key(s); [] for inert keys."""
+    if key in _INERT_KEYS:
+        if key == "val_method" and value != "base":
+            raise BipError(f"val_method={value!r} is not supported; only 'base' exists")
+        return []
+    target = FLAT_KEYS[key]
+    if key == "trainer":
+        if value not in _TRAINERS:
+            raise BipError(f"trainer={value!r} is not valid; choose one of: {', '.join(_TRAINERS)}")
+        return [(target, _TRAINERS[value])]
+    if key == "scaled_score_init":
+        return [(target, "magnitude")] if _coerce(bool, value, key) else []
+    if key == "freeze_bn":
+        return [(target, not _coerce(bool, value, key))]
+    return [(target, value)]
+
+
+def valid_keys() -> list[str]:
+    dotted = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+    return dotted + list(FLAT_KEYS) + list(_INERT_KEYS)
+
+
+def _unknown(key: str) -> BipError:
+    close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return BipError(f"unknown config key {key!r}{hint}")
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(kind: type, value: Any, key: str) -> Any:
+    """Convert ``value`` to the field type ``kind`` or raise a one-line error."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            number = float(value)  # accepts "10", "1e3" and 10.0, not 2.5
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if value is None:
+                return ""
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise BipError(f"{key}={value!r} is not a valid {kind.__name__}")
+
+
+_FIELD_TYPES = {f"{s}.{f.name}": {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+                for s, cls in SECTIONS.items() for f in fields(cls)}
+
+
+def _flatten_yaml(data: Any, origin: str) -> list[tuple[str, Any, str]]:
+    """YAML mapping -> (dotted key, value, origin) in file order; nested sections allowed."""
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise BipError(f"{origin}: expected a mapping of keys to values, got {type(data).__name__}")
+    out = []
+    for key, value in data.items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, dict):
+            out += [(f"{key}.{sub}", v, origin) for sub, v in value.items()]
+        else:
+            out.append((key, value, origin))
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise BipError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise BipError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def build_config(overrides: Iterable[tuple[str, Any, str]], base: Config | None = None) -> Config:
+    """Apply (key, value, origin) overrides in order on top of ``base`` (default: defaults)."""
+    values = (base or Config()).to_dict()
+    for key, value, origin in overrides:
+        key = key.replace("-", "_") if "." not in key else key
+        pairs = [(key, value)] if "." in key else (
+            _translate_flat(key, value) if key in FLAT_KEYS or key in _INERT_KEYS else None)
+        if pairs is None:
+            raise _unknown(key)
+        for dotted, val in pairs:
+            if dotted not in _FIELD_TYPES:
+                raise _unknown(dotted)
+            section, name = dotted.split(".", 1)
+            values[section][name] = _coerce(_FIELD_TYPES[dotted], val, dotted)
+    return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
+
+
+def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
+                flags: dict[str, Any] | None = None) -> Config:
+    """YAML files, then seed-style ``flags`` (flat keys), then ``section.key=value`` strings."""
+    items: list[tuple[str, Any, str]] = []
+    for path in yaml_files:
+        items += _flatten_yaml(read_yaml(path), str(path))
+    items += [(key, value, "flag") for key, value in (flags or {}).items()]
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise BipError(f"expected section.key=value, got {text!r}")
+        # The value is parsed as YAML so `a.b=[1,2]` or `a.b=null` work like in a file.
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        items.append((key.strip(), parsed if not isinstance(parsed, (dict, list)) else value, "cli"))
+    return build_config(items)
+
+
+# ------------------------------------------------------------------------------------------
+# Command line of `python -m bip.train`: the seed README's flags + key=value.
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise BipError(f"{self.prog}: {message}")
+
+
+def argument_parser(prog: str = "bip-train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Pretrain, prune (BiP, HYDRA, OMP, IMP, random) or "
+                "finetune one model. Flags of the original BiP README; any other field as "
+                "section.key=value (e.g. bip.gamma=10 optim.wd=1e-4).")
+    p.add_argument("--configs", action="append", default=[], metavar="YAML",
+                   help="YAML preset(s), applied in order (e.g. configs/CIFAR10/bip.yml)")
+    for flag, meta in [("--exp-mode", "pretrain|prune|finetune"), ("--trainer", "base|bilevel"),
+                       ("--dataset", None), ("--k", "KEPT_FRACTION"), ("--source-net", "CKPT"),
+                       ("--arch", None), ("--resume", "CKPT"), ("--layer-type", None),
+                       ("--seed", None), ("--exp-name", None), ("--epochs", None),
+                       ("--batch-size", None), ("--lr", None), ("--result-dir", "DIR"),
+                       ("--data-dir", "DIR")]:
+        p.add_argument(flag, metavar=meta)
+    p.add_argument("--normalize", action="store_true", default=None)
+    p.add_argument("--scaled-score-init", action="store_true", default=None,
+                   help="scores start as a copy of the weights (first mask = global magnitude)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def config_from_argv(argv: list[str] | None = None) -> Config:
+    args = argument_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("configs", "overrides") and v is not None}
+    return load_config(args.configs, args.overrides, flags)

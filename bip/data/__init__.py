@@ -1,0 +1,71 @@
+"""Dataset registry: ``@register_dataset(name)`` on ``fn(cfg: DataConfig, num_classes) -> DatasetSpec``.
+
+Small datasets (CIFAR, TinyImageNet, digits, synthetic) load fully into memory as uint8
+tensors (ArraySplit) and are augmented on the device in batches; ImageNet is a torch Dataset
+of PIL images read through a DataLoader, or ffcv. Nothing is ever downloaded implicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from bip.errors import BipError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ArraySplit:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __post_init__(self):
+        assert self.images.dtype == torch.uint8 and self.images.dim() == 4
+        assert self.labels.dtype == torch.int64 and len(self.labels) == len(self.images)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ArraySplit":
+        return ArraySplit(self.images[index], self.labels[index])
+
+
+Split = Union[ArraySplit, Dataset]  # a Dataset yields (PIL image, int label)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    num_classes: int
+    train: Split
+    test: Split
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    style: str = "small"      # small: pad-4 crop + flip | imagenet: random-resized crop + flip
+    image_size: int = 32      # train/eval resolution
+
+
+DATASETS: dict[str, Callable[..., DatasetSpec]] = {}
+
+
+def register_dataset(name: str):
+    def wrap(fn):
+        DATASETS[name] = fn
+        return fn
+    return wrap
+
+
+def load_dataset(cfg, num_classes: int = 0) -> DatasetSpec:
+    """The dataset named by ``cfg.dataset`` (``num_classes`` only shapes ``synthetic``)."""
+    if cfg.dataset not in DATASETS:
+        raise BipError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    spec = DATASETS[cfg.dataset](cfg, num_classes)
+    if num_classes and num_classes != spec.num_classes:
+        raise BipError(f"model.num_classes={num_classes} but {cfg.dataset} has {spec.num_classes} classes")
+    return spec
+
+
+# The readers register themselves on import; this list is the whole catalogue.
+from bip.data import cifar, demo, imagenet, synthetic, tiny_imagenet  # noqa: E402,F401

@@ -1,0 +1,114 @@
+"""Run identity and the run-folder layout: the one place paths are built.
+
+A run id is ``<dataset>-<arch>-<stage>-<method>-<hash>``, the hash covering the config fields
+that can change the result, and only those that differ from their defaults (so adding a field
+with a no-op default keeps every old id). Paths, worker counts and labels are not hashed; the
+seed is the sub-folder, so replicates are siblings:
+
+    <root>/<run id>/seed_<seed>/{config.yaml, metrics.jsonl, checkpoint.pt, mask.pt, result.json}
+
+A stage started from another run names it by id (run.parent); a hand-made source checkpoint
+(run.source_net) is hashed by content.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+from bip.config import Config
+
+CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
+MASK, RESULT, ERROR, REWIND = "mask.pt", "result.json", "error.json", "rewind.pt"
+
+# Never result-affecting.
+_NOT_HASHED = {
+    "data.data_dir", "data.num_workers", "data.test_batch_size", "data.train_beton",
+    "data.val_beton", "run.seed", "run.exp_name", "run.result_dir", "run.resume",
+    "run.print_freq", "run.source_net",
+}
+_PAPER_ONLY = {"bip.alpha", "bip.beta", "bip.gamma", "bip.lower_wd", "bip.upper_wd", "bip.momentum"}
+_REFERENCE_ONLY = {"bip.lr2", "bip.mask_lr", "bip.mask_lr_schedule"}
+_UNUSED_BY_PAPER_BIP = {"optim.optimizer", "optim.lr", "optim.momentum", "optim.wd", "optim.nesterov"}
+_TRAINING = {"train.epochs", "train.steps_per_epoch", "train.label_smoothing"}
+
+
+def _unused(cfg: Config) -> set[str]:
+    """Fields that this stage / method does not read (so they must not split ids)."""
+    stage, method = cfg.run.stage, cfg.prune.method
+    if stage == "pretrain":
+        return {"prune.*", "bip.*"}
+    if stage == "finetune":
+        return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate"}
+    unused = set()
+    if method != "bip":
+        unused.add("bip.*")
+    if method != "hydra":
+        unused.add("prune.train_bn")
+    if method != "imp":
+        unused.add("prune.imp_rate")
+    if method not in ("hydra", "bip"):
+        unused.add("prune.score_init")
+    if method in ("omp", "random"):  # one-shot: nothing is trained
+        unused |= {"optim.*"} | _TRAINING
+    if method == "bip":
+        paper = cfg.bip.variant == "paper"
+        unused |= (_REFERENCE_ONLY | _UNUSED_BY_PAPER_BIP) if paper else _PAPER_ONLY
+    return unused
+
+
+def hashed_fields(cfg: Config) -> dict[str, object]:
+    """The non-default, result-affecting fields of ``cfg`` as {section.key: value}."""
+    defaults = Config().to_dict()
+    unused = _unused(cfg)
+    out: dict[str, object] = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if dotted in _NOT_HASHED or dotted in unused or f"{section}.*" in unused:
+                continue
+            if value != defaults[section][key]:
+                out[dotted] = value
+    if cfg.run.source_net:
+        out["run.source_sha256"] = source_digest(cfg.run.source_net)
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(hashed_fields(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def run_id(cfg: Config) -> str:
+    method = cfg.prune.method if cfg.run.stage == "finetune" else cfg.method
+    return f"{cfg.data.dataset}-{cfg.model.arch}-{cfg.run.stage}-{method}-{config_hash(cfg)}"
+
+
+def run_dir(cfg: Config, root: str | Path | None = None) -> Path:
+    return Path(root if root is not None else cfg.run.result_dir) / run_id(cfg) / f"seed_{cfg.run.seed}"
+
+
+def parent_dir(cfg: Config, root: str | Path | None = None) -> Path | None:
+    """The folder of the parent run (same seed), or None for runs without a parent id."""
+    if not cfg.run.parent:
+        return None
+    return Path(root if root is not None else cfg.run.result_dir) / cfg.run.parent / f"seed_{cfg.run.seed}"
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def source_digest(path: str) -> str:
+    """Content hash of a source checkpoint ('missing' if absent: train reports that error)."""
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    st = p.stat()
+    return _digest(str(p.resolve()), st.st_size, st.st_mtime_ns)

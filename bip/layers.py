@@ -1,0 +1,122 @@
+"""Masked conv/linear layers and the layer factory that models are built from.
+
+A masked layer owns a weight-shaped score tensor ``scores`` (S) and a weight-shaped 0/1 buffer
+``mask`` (M). Its forward uses Z = W * M. The mask is NOT recomputed here: bip.masking sets it
+once per optimizer step (and for eval), so every forward of a step sees the same mask.
+
+Straight-through gradient (HYDRA/BiP): dL/dS = sign(S) * W * dL/dZ at every position, pruned
+ones included, so a pruned weight can re-enter the top-k. With ``ig_coeff`` = c > 0 the same
+backward gives BiP's upper-level gradient sign(S) * (W * g - c * M * g^2), g = dL/dZ, at no
+extra pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GRANULARITIES = ("unstructured", "filter", "channel")
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """Z = W * M, with the straight-through (and optional implicit-gradient) score gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, mask, ig_coeff: float):
+        ctx.save_for_backward(weight, scores, mask)
+        ctx.ig_coeff = ig_coeff
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        weight, scores, mask = ctx.saved_tensors
+        grad_w = grad_z * mask if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            direction = weight if ctx.ig_coeff == 0 else weight - ctx.ig_coeff * mask * grad_z
+            grad_s = torch.sign(scores) * direction * grad_z
+        return grad_w, grad_s, None, None
+
+
+class MaskedLayer:
+    """Mixin for the score/mask state shared by MaskedConv2d and MaskedLinear.
+
+    ``grad_target`` says which tensors this forward differentiates: "all" (default, by
+    requires_grad), "weights" (scores treated as constants) or "scores" (weights treated as
+    constants; ``ig_coeff`` adds BiP's implicit-gradient term). BiP switches it per pass
+    (bip.masking.grad_target) instead of toggling requires_grad, which DDP does not allow.
+    """
+
+    granularity: str
+
+    def _init_masking(self, granularity: str) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
+        self.scores = nn.Parameter(torch.empty_like(self.weight))
+        # Like a default conv/linear weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+        self.register_buffer("mask", torch.ones_like(self.weight))
+        self.grad_target = "all"
+        self.ig_coeff = 0.0
+        self.mask_version = 0  # bumped by bip.masking each time the mask is recomputed
+
+    def masked_weight(self) -> torch.Tensor:
+        weight, scores = self.weight, self.scores
+        if self.grad_target == "scores":
+            weight = weight.detach()
+        differentiate_scores = scores.requires_grad and self.grad_target != "weights"
+        if not differentiate_scores:
+            return weight * self.mask
+        return _MaskedWeight.apply(weight, scores, self.mask, self.ig_coeff)
+
+
+class MaskedConv2d(nn.Conv2d, MaskedLayer):
+    def __init__(self, *args, granularity: str = "unstructured", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_masking(granularity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+
+class MaskedLinear(nn.Linear, MaskedLayer):
+    def __init__(self, *args, granularity: str = "unstructured", **kwargs):
+        if granularity != "unstructured":
+            raise ValueError("linear layers are only masked in unstructured mode")
+        super().__init__(*args, **kwargs)
+        self._init_masking(granularity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """Builds the conv/linear layers of a model for one ``layer_type``.
+
+    dense: plain nn.Conv2d / nn.Linear. unstructured: every conv and linear is masked.
+    filter / channel: every conv is masked at that granularity; linear layers stay dense
+    (as in the reference code).
+    """
+
+    layer_type: str = "dense"
+
+    def __post_init__(self):
+        if self.layer_type not in ("dense",) + GRANULARITIES:
+            raise ValueError(f"unknown layer_type {self.layer_type!r}")
+
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+             padding: int = 0, bias: bool = False) -> nn.Conv2d:
+        if self.layer_type == "dense":
+            return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        return MaskedConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
+                            granularity=self.layer_type)
+
+    def linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+        if self.layer_type == "unstructured":
+            return MaskedLinear(in_features, out_features, bias=bias)
+        return nn.Linear(in_features, out_features, bias=bias)

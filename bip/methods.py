@@ -1,0 +1,278 @@
+"""Per-batch update rules: the only thing that differs between methods in the one loop.
+
+A Method prepares the model for its stage (score init, masks, which tensors train), owns its
+optimizers, and turns a step's batches into parameter updates. ``step`` returns on-device
+tensors (loss, correct, n) so the loop syncs with the device only when it logs.
+
+| method   | trains                                   | mask                                 |
+|----------|------------------------------------------|--------------------------------------|
+| dense    | everything (pretrain)                    | none                                 |
+| finetune | weights, biases, BN; pruned weights = 0  | fixed, from the source               |
+| hydra    | scores (+ BN affine); weights frozen     | top-k of |scores|, every step        |
+| bip      | lower: weights on batch V; upper: scores | top-k of |scores|, every step        |
+| omp      | nothing (one-shot, finetune afterwards)  | global magnitude                     |
+| random   | nothing (one-shot, finetune afterwards)  | random                               |
+| imp      | weights, round after round               | -20% of the remaining by magnitude   |
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bip import masking
+from bip.config import Config
+from bip.errors import BipError
+from bip.optim import lr_at, make_optimizer, set_lr
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def is_score(name: str) -> bool:
+    return name == "scores" or name.endswith(".scores")
+
+
+def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)]
+
+
+def all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Average gradients over ranks by hand: BiP's two passes each update a different set of
+    tensors, which DDP's per-backward bucket hooks cannot express."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+class Method:
+    streams = 1          # training streams read per step (BiP: 2)
+    one_shot = False     # True: the run trains nothing (epochs are skipped)
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        self.cfg, self.core, self.model = cfg, model, model
+        self.accelerator = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def attach(self, model: nn.Module, accelerator=None) -> None:
+        """The (possibly DDP-wrapped) model to run forwards through, and the accelerator."""
+        self.model, self.accelerator = model, accelerator
+
+    def epochs(self) -> int:
+        return 0 if self.one_shot else self.cfg.train.epochs
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def step(self, batches: list[Batch], progress: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+    # helpers -------------------------------------------------------------------------------
+    def _autocast(self):
+        return self.accelerator.autocast() if self.accelerator else contextlib.nullcontext()
+
+    def _no_sync(self):
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync else contextlib.nullcontext()
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            out = self.model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=self.cfg.train.label_smoothing)
+        return loss, out
+
+    @staticmethod
+    def _stats(loss, out, y) -> dict[str, torch.Tensor]:
+        return {"loss": loss.detach() * len(y), "correct": (out.argmax(1) == y).sum(), "n": len(y)}
+
+    def _lr(self, progress: float, epochs: int | None = None) -> float:
+        o = self.cfg.optim
+        return lr_at(o.lr_schedule, o.lr, progress, epochs or self.epochs(), o.warmup_epochs, o.warmup_lr)
+
+    def _sgd_step(self, opt, batch: Batch, lr: float) -> dict[str, torch.Tensor]:
+        set_lr(opt, lr)
+        opt.zero_grad(set_to_none=True)
+        loss, out = self._loss(*batch)
+        loss.backward()
+        opt.step()
+        return self._stats(loss, out, batch[1])
+
+
+class Dense(Method):
+    """Pretrain (dense) and finetune (fixed mask): every weight, bias and BN parameter trains."""
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not is_score(name))
+        if cfg.run.stage != "pretrain":
+            # Pruned weights start at exactly 0; their gradient M * dL/dZ is 0, so they stay 0.
+            masking.zero_pruned_weights(model)
+        o = cfg.optim
+        self.opt = make_optimizer(o.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                  o.lr, o.momentum, o.wd, o.nesterov)
+        self.optimizers = {"weights": self.opt}
+
+    def step(self, batches, progress):
+        return self._sgd_step(self.opt, batches[0], self._lr(progress))
+
+
+class Hydra(Method):
+    """HYDRA: scores (and BN affine, prune.train_bn) train by SGD; weights stay frozen."""
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        masking.init_scores(model, cfg.prune.score_init)
+        masking.refresh_masks(model, cfg.prune.k)
+        bn = {id(p) for p in bn_parameters(model)} if cfg.prune.train_bn else set()
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_score(name) or id(p) in bn)
+        o = cfg.optim
+        self.opt = make_optimizer(o.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                  o.lr, o.momentum, o.wd, o.nesterov)
+        self.optimizers = {"scores": self.opt}
+
+    def step(self, batches, progress):
+        stats = self._sgd_step(self.opt, batches[0], self._lr(progress))
+        masking.refresh_masks(self.core, self.cfg.prune.k)
+        return stats
+
+
+class BipPaper(Method):
+    """BiP as in the paper (Alg. A1): per step, one lower SGD step on the weights theta
+    (weights, biases, BN affine; lr alpha, ridge = weight decay) on batch V with the mask
+    fixed, then on a different batch T at the updated theta one SGD step on the scores with
+    sign(S) * (W * g - (1/gamma) * M * g^2), g = dL/dZ (lr beta), then a new mask.
+    Both lrs follow optim.lr_schedule's shape (warm-up from 0)."""
+
+    streams = 2
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        b = cfg.bip
+        masking.init_scores(model, cfg.prune.score_init)
+        masking.refresh_masks(model, cfg.prune.k)
+        for p in model.parameters():  # fixed for DDP; each pass picks its targets instead
+            p.requires_grad_(True)
+        self.theta = [p for n, p in model.named_parameters() if not is_score(n)]
+        self.scores = [p for n, p in model.named_parameters() if is_score(n)]
+        self.lower = make_optimizer("sgd", self.theta, b.alpha, b.momentum, b.lower_wd)
+        self.upper = make_optimizer("sgd", self.scores, b.beta, b.momentum, b.upper_wd)
+        self.optimizers = {"lower": self.lower, "upper": self.upper}
+        self.ig_coeff = 0.0 if math.isinf(b.gamma) else 1.0 / b.gamma
+
+    def step(self, batches, progress):
+        (x_t, y_t), (x_v, y_v) = batches  # stream 0 feeds the upper level, stream 1 the lower
+        o, b = self.cfg.optim, self.cfg.bip
+        factor = lr_at(o.lr_schedule, 1.0, progress, self.epochs(), o.warmup_epochs, 0.0)
+        set_lr(self.lower, b.alpha * factor)
+        set_lr(self.upper, b.beta * factor)
+
+        self.lower.zero_grad(set_to_none=True)
+        with masking.grad_target(self.core, "weights"), self._no_sync():
+            loss_v, _ = self._loss(x_v, y_v)
+            loss_v.backward()
+        all_reduce_grads(self.theta)
+        self.lower.step()
+
+        self.upper.zero_grad(set_to_none=True)
+        with masking.grad_target(self.core, "scores", self.ig_coeff), self._no_sync():
+            loss_t, out = self._loss(x_t, y_t)
+            loss_t.backward()
+        all_reduce_grads(self.scores)
+        self.upper.step()
+        masking.refresh_masks(self.core, self.cfg.prune.k)
+        return self._stats(loss_t, out, y_t)
+
+
+class OneShot(Method):
+    """OMP (global magnitude) or random masks at keep ratio k; nothing trains."""
+
+    one_shot = True
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        if cfg.prune.method == "omp":
+            masking.init_scores(model, "magnitude")
+        else:  # i.i.d. uniform scores: every weight (filter, channel) equally likely to stay
+            with torch.no_grad():
+                for _, m in masking.masked_layers(model):
+                    m.scores.uniform_()
+        masking.refresh_masks(model, cfg.prune.k)
+
+
+class Imp(Dense):
+    """IMP with rewinding: each round prunes prune.imp_rate of the remaining weights by
+    global magnitude, rewinds to the source run's early weights (rewind.pt) and retrains for
+    train.epochs; the last round lands exactly on k. One run holds all rounds."""
+
+    def __init__(self, cfg: Config, model: nn.Module, rewind_state: dict[str, torch.Tensor]):
+        super().__init__(cfg, model)
+        if cfg.train.epochs < 1:
+            raise BipError("imp needs train.epochs >= 1 (epochs per round)")
+        self.rewind_state = {k: v for k, v in rewind_state.items()
+                             if not (k.endswith("scores") or k.endswith("mask"))}
+        self.rounds = imp_rounds(cfg.prune.k, cfg.prune.imp_rate)
+
+    def epochs(self) -> int:
+        return self.rounds * self.cfg.train.epochs
+
+    def density(self, round_: int) -> float:
+        return self.cfg.prune.k if round_ == self.rounds - 1 else (1 - self.cfg.prune.imp_rate) ** (round_ + 1)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch % self.cfg.train.epochs:
+            return
+        with torch.no_grad():
+            for _, m in masking.masked_layers(self.core):
+                m.scores.copy_(m.weight.abs() * m.mask)  # pruned weights rank last
+        masking.refresh_masks(self.core, self.density(epoch // self.cfg.train.epochs))
+        missing, _ = self.core.load_state_dict(self.rewind_state, strict=False)
+        masking.zero_pruned_weights(self.core)
+        self.opt.state.clear()  # a new round starts with fresh momentum
+
+    def step(self, batches, progress):
+        round_epochs = self.cfg.train.epochs
+        return self._sgd_step(self.opt, batches[0], self._lr(progress % round_epochs, round_epochs))
+
+
+def imp_rounds(k: float, rate: float) -> int:
+    """Rounds of pruning ``rate`` of the remainder needed to reach density k (>= 1)."""
+    return max(1, math.ceil(math.log(k) / math.log(1 - rate) - 1e-9))
+
+
+def create_method(cfg: Config, model: nn.Module, rewind_state: dict | None = None) -> Method:
+    """The Method for this run's stage and prune.method."""
+    if cfg.run.stage in ("pretrain", "finetune"):
+        return Dense(cfg, model)
+    method = cfg.prune.method
+    if method == "hydra":
+        return Hydra(cfg, model)
+    if method == "bip":
+        if cfg.bip.variant == "reference":
+            from bip.bip_reference import BipReference
+            return BipReference(cfg, model)
+        return BipPaper(cfg, model)
+    if method in ("omp", "random"):
+        return OneShot(cfg, model)
+    if method == "imp":
+        if rewind_state is None:
+            raise BipError("imp needs the source run's rewind.pt (written by pretrain)")
+        return Imp(cfg, model, rewind_state)
+    raise BipError(f"unknown method {method!r}")
