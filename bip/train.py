@@ -361,8 +361,13 @@ def _accelerator(cfg: Config):
     from accelerate.utils import DistributedDataParallelKwargs
     if cfg.train.mixed_precision == "fp16":
         raise BipError("train.mixed_precision=fp16 is not supported; use bf16 (no loss scaling needed)")
+    # Masks are buffers too: do not re-send every buffer at every forward (BN statistics are
+    # averaged before each evaluation instead; the masks are identical on every rank).
+    fields = DistributedDataParallelKwargs.__dataclass_fields__
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in fields
+                      else {"broadcast_buffers": False})
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(**no_buffer_sync)])
 
 
 def main(argv: list[str] | None = None) -> int:
