@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -362,12 +363,11 @@ def _accelerator(cfg: Config):
     if cfg.train.mixed_precision == "fp16":
         raise BipError("train.mixed_precision=fp16 is not supported; use bf16 (no loss scaling needed)")
     # Masks are buffers too: do not re-send every buffer at every forward (BN statistics are
-    # averaged before each evaluation instead; the masks are identical on every rank).
-    fields = DistributedDataParallelKwargs.__dataclass_fields__
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in fields
-                      else {"broadcast_buffers": False})
+    # averaged before each evaluation instead; the masks are identical on every rank). accelerate
+    # only knows the flag's old name, which newer torch reports as deprecated.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(**no_buffer_sync)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
 def main(argv: list[str] | None = None) -> int:
