@@ -17,6 +17,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import yaml
+
 from bip.config import Config
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
@@ -112,3 +114,10 @@ def source_digest(path: str) -> str:
         return "missing"
     st = p.stat()
     return _digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def config_yaml(cfg: Config, provenance: dict | None = None) -> str:
+    """The text of a run's config.yaml: ids, hashed fields, the full config, provenance."""
+    doc = {"run_id": run_id(cfg), "parent_id": cfg.run.parent, "hashed": hashed_fields(cfg),
+           "config": cfg.to_dict(), "provenance": provenance or {}}
+    return yaml.safe_dump(doc, sort_keys=False)

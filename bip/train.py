@@ -80,7 +80,7 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
         state = _resume(resume_path, method, state)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text(run_dir / identity.CONFIG, _config_yaml(cfg, accelerator))
+        checkpoint.write_text(run_dir / identity.CONFIG, identity.config_yaml(cfg, provenance(accelerator)))
         (run_dir / identity.ERROR).unlink(missing_ok=True)
         _trim_metrics(run_dir / identity.METRICS, state["epoch"])
 
@@ -298,14 +298,6 @@ def _mask_file(cfg: Config, model, sparsity: dict) -> dict:
     return {"layer_type": cfg.prune.layer_type, "k": cfg.prune.k,
             "masks": {name: m.mask.bool().cpu() for name, m in masking.masked_layers(model)},
             "report": {**sparsity, "layers": report["layers"]}}
-
-
-def _config_yaml(cfg: Config, accelerator) -> str:
-    import yaml
-    doc = {"run_id": identity.run_id(cfg), "parent_id": cfg.run.parent,
-           "hashed": identity.hashed_fields(cfg), "config": cfg.to_dict(),
-           "provenance": provenance(accelerator)}
-    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def _append_metrics(path: Path, row: dict) -> None:
