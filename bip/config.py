@@ -54,6 +54,9 @@ class DataConfig:
     val_beton: str = ""
     synthetic_size: int = 2048      # training images of the `synthetic` dataset (test: a quarter)
     image_size: int = 0             # ImageNet-style train/eval resolution; 0 = dataset default
+    min_res: int = 0                # ffcv progressive resizing: train at min_res, growing to
+    start_ramp: int = 0             # image_size from epoch start_ramp to end_ramp (multiples of
+    end_ramp: int = 0               # 32, as ffcv-imagenet); 0 = always image_size
 
     def __post_init__(self):
         _check_choice("data.loader", self.loader, ("auto", "tensor", "torch", "ffcv"))
@@ -62,6 +65,12 @@ class DataConfig:
         for name in ("batch_size", "test_batch_size", "synthetic_size"):
             if getattr(self, name) < 1:
                 raise BipError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_res < 0 or self.start_ramp < 0 or self.end_ramp < self.start_ramp:
+            raise BipError("need data.min_res >= 0 and 0 <= data.start_ramp <= data.end_ramp")
+        if self.min_res and self.loader != "ffcv":
+            raise BipError("data.min_res (progressive resizing) needs data.loader=ffcv")
+        if self.min_res and self.image_size and self.min_res > self.image_size:
+            raise BipError(f"data.min_res={self.min_res} exceeds data.image_size={self.image_size}")
 
 
 @dataclass(frozen=True)

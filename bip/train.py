@@ -59,7 +59,7 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
     model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type).to(accelerator.device)
     resume_path = Path(cfg.run.resume) if cfg.run.resume else run_dir / identity.CHECKPOINT
     resuming = resume_path.is_file() or bool(cfg.run.resume)
-    source = source_path(cfg, run_dir.parent.parent)
+    source = source_path(cfg, Path(cfg.run.result_dir))
     if source is not None:
         load_source(cfg, model, source)
     elif cfg.run.stage != "pretrain" and not resuming:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
+from PIL import Image
 
 from bip.data import IMAGENET_MEAN, IMAGENET_STD, ArraySplit, DatasetSpec, register_dataset
 from bip.errors import BipError
@@ -30,8 +31,9 @@ def _folder(data_dir: str) -> Path:
 def _decode(paths: list[Path], workers: int) -> torch.Tensor:
     def one(path: Path) -> torch.Tensor:
         try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except RuntimeError as err:
+            with Image.open(path) as image:
+                return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        except OSError as err:
             raise BipError(f"cannot decode {path}: {err}") from None
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return torch.stack(list(pool.map(one, paths, chunksize=256)))

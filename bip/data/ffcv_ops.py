@@ -1,0 +1,191 @@
+"""Seeded ffcv operations: random-resized-crop decoding, horizontal flip and pad-crop whose
+random draws are a pure function of (epoch key, sample index).
+
+ffcv's own augmentations draw from numba's per-thread generators, which no seed reaches and
+whose draws depend on which thread decodes which image; these make an epoch of a training
+stream reproducible, so a resumed run sees exactly the batches an uninterrupted one would.
+Imported only when ffcv is installed (bip.data.ffcv imports it lazily).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from numba import njit
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+# One salt per operation, so the flip does not depend on the crop's draws.
+CROP_SALT, FLIP_SALT, SHIFT_SALT = np.uint64(1), np.uint64(2), np.uint64(3)
+
+
+class EpochKey:
+    """A uint64 the compiled pipeline reads at every batch. Numba freezes arrays captured by a
+    closure at compile time, so the pipeline reads this one by address: the key changes every
+    epoch without recompiling (which costs seconds per pipeline)."""
+
+    def __init__(self):
+        self.box = np.zeros(1, dtype=np.uint64)
+
+    def set(self, value: int) -> None:
+        self.box[0] = np.uint64(value % 2**64)
+
+    @property
+    def address(self) -> int:
+        return self.box.ctypes.data
+
+
+@njit
+def read_key(address):
+    out = np.empty(1, dtype=np.uint64)
+    ctypes_memcopy(address, out.ctypes.data, 8)
+    return out[0]
+
+
+@njit(cache=True)
+def _mix(x):
+    # splitmix64's finalizer: a bijective avalanche of 64 bits (Steele et al., 2014).
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True)
+def sample_key(epoch_key, index, salt):
+    return _mix(epoch_key ^ _mix(np.uint64(index) * _GOLDEN ^ salt))
+
+
+@njit(cache=True)
+def uniform(key, draw):
+    """The draw-th uniform number in [0, 1) of a sample's key (53 random bits)."""
+    bits = _mix(key + np.uint64(draw + 1) * _GOLDEN) >> np.uint64(11)
+    return bits * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True)
+def random_crop(height, width, scale, log_ratio, key):
+    """torchvision's RandomResizedCrop.get_params with keyed draws: (top, left, h, w)."""
+    area = height * width
+    for attempt in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * uniform(key, 4 * attempt))
+        aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(key, 4 * attempt + 1))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
+            left = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the whole image at the nearest allowed aspect ratio
+    if in_ratio < np.exp(log_ratio[0]):
+        w, h = width, int(round(width / np.exp(log_ratio[0])))
+    elif in_ratio > np.exp(log_ratio[1]):
+        w, h = int(round(height * np.exp(log_ratio[1]))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
+    """RandomResizedCropRGBImageDecoder with keyed crops. Set ``output_size`` between epochs
+    for progressive resizing (buffers are sized per epoch; the code does not change)."""
+
+    def __init__(self, output_size, key: EpochKey, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        super().__init__(output_size)
+        self.key, self.scale, self.ratio = key, scale, ratio
+
+    @property
+    def get_crop_generator(self):  # abstract in ffcv; the crop is drawn in generate_code
+        return random_crop
+
+    def generate_code(self) -> Callable:
+        # ffcv's ResizedCropRGBImageDecoder.generate_code, with the crop drawn from the key.
+        mem_read, my_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        jpg, address = IMAGE_MODES["jpg"], self.key.address
+        scale, log_ratio = np.array(self.scale, dtype=np.float64), np.log(np.array(self.ratio))
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            epoch_key = read_key(address)
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                               False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                top, left, h, w = random_crop(int(height), int(width), scale, log_ratio,
+                                              sample_key(epoch_key, source_ix, CROP_SALT))
+                resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class _KeyedImageOp(Operation):
+    """A jitted uint8 HWC -> same-shape operation that receives the batch's sample indices."""
+
+    def __init__(self, key: EpochKey):
+        super().__init__()
+        self.key = key
+
+    def declare_state_and_memory(self, previous_state):
+        return (replace(previous_state, jit_mode=True),
+                AllocationQuery(previous_state.shape, previous_state.dtype))
+
+
+class SeededFlip(_KeyedImageOp):
+    """Horizontal flip with probability 1/2 per sample."""
+
+    def generate_code(self) -> Callable:
+        my_range, address = Compiler.get_iterator(), self.key.address
+
+        def flip(images, dst, indices):
+            epoch_key = read_key(address)
+            for i in my_range(len(indices)):
+                if uniform(sample_key(epoch_key, indices[i], FLIP_SALT), 0) < 0.5:
+                    dst[i] = images[i, :, ::-1]
+                else:
+                    dst[i] = images[i]
+            return dst[:len(indices)]
+
+        flip.is_parallel, flip.with_indices = True, True
+        return flip
+
+
+class SeededPadCrop(_KeyedImageOp):
+    """torchvision's RandomCrop(size, padding=pad): shift by up to ``pad`` pixels, black fill."""
+
+    def __init__(self, key: EpochKey, pad: int = 4):
+        super().__init__(key)
+        self.pad = pad
+
+    def generate_code(self) -> Callable:
+        my_range, address, pad = Compiler.get_iterator(), self.key.address, self.pad
+
+        def pad_crop(images, dst, indices):
+            epoch_key = read_key(address)
+            h, w = images.shape[1], images.shape[2]
+            for i in my_range(len(indices)):
+                key = sample_key(epoch_key, indices[i], SHIFT_SALT)
+                dy = int(uniform(key, 0) * (2 * pad + 1)) - pad
+                dx = int(uniform(key, 1) * (2 * pad + 1)) - pad
+                dst[i] = 0
+                r0, r1, c0, c1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+                dst[i, r0:r1, c0:c1] = images[i, r0 + dy:r1 + dy, c0 + dx:c1 + dx]
+            return dst[:len(indices)]
+
+        pad_crop.is_parallel, pad_crop.with_indices = True, True
+        return pad_crop

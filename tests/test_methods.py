@@ -1,0 +1,266 @@
+"""Update rules: BiP (paper and reference variants), HYDRA, finetune, one-shot and IMP masks."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bip import masking
+from bip.config import load_config
+from bip.layers import MaskedConv2d, MaskedLinear
+from bip.methods import BipPaper, Dense, Hydra, Imp, OneShot, create_method, imp_rounds
+from bip.bip_reference import BipReference
+
+
+def prune_cfg(*extra):
+    return load_config([], ["run.stage=prune", "prune.layer_type=unstructured", *extra])
+
+
+# -- BiP, paper variant: one iteration by hand in float64 -------------------------------------
+
+def _softmax_ce_grad(out, y):
+    p = torch.softmax(out, dim=1)
+    return (p - F.one_hot(y, out.shape[1]).double()) / len(y)
+
+
+def _grads_two_layer(x, y, z1, z2):
+    """dL/dZ1, dL/dZ2 of mean CE(x Z1^T Z2^T), by matrix calculus."""
+    h = x @ z1.T
+    d_out = _softmax_ce_grad(h @ z2.T, y)
+    return (d_out @ z2).T @ x, d_out.T @ h
+
+
+def test_bip_paper_iteration_matches_hand_computation():
+    torch.manual_seed(0)
+    alpha, beta, gamma, lower_wd, upper_wd, k = 0.05, 0.3, 0.5, 0.01, 0.001, 0.5
+    cfg = prune_cfg("prune.method=bip", "prune.score_init=magnitude", f"prune.k={k}",
+                    f"bip.alpha={alpha}", f"bip.beta={beta}", f"bip.gamma={gamma}",
+                    f"bip.lower_wd={lower_wd}", f"bip.upper_wd={upper_wd}", "train.epochs=10")
+    model = nn.Sequential(MaskedLinear(3, 2, bias=False), MaskedLinear(2, 2, bias=False)).double()
+    w1, w2 = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    x_t, x_v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    y_t, y_v = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 0, 1, 1])
+
+    method = BipPaper(cfg, model)
+    method.step([(x_t, y_t), (x_v, y_v)], progress=0.0)
+
+    # Expected, by hand. Initial mask: global magnitude top-5 of the 10 weights (scores = W).
+    flat = torch.cat([w1.abs().flatten(), w2.abs().flatten()])
+    keep = torch.zeros(10, dtype=torch.float64)
+    keep[flat.topk(5).indices] = 1
+    m1, m2 = keep[:6].view(2, 3), keep[6:].view(2, 2)
+    # (1) lower level on V: one SGD step on theta with the mask fixed (first momentum step = SGD).
+    g1, g2 = _grads_two_layer(x_v, y_v, w1 * m1, w2 * m2)
+    w1n = w1 - alpha * (m1 * g1 + lower_wd * w1)
+    w2n = w2 - alpha * (m2 * g2 + lower_wd * w2)
+    # (2) upper level on T at the updated weights: g = dL/dZ, score gradient
+    #     sign(S) * (W * g - (1/gamma) * M * g^2), one SGD step with lr beta.
+    g1, g2 = _grads_two_layer(x_t, y_t, w1n * m1, w2n * m2)
+    s1 = w1 - beta * (torch.sign(w1) * (w1n * g1 - m1 * g1 ** 2 / gamma) + upper_wd * w1)
+    s2 = w2 - beta * (torch.sign(w2) * (w2n * g2 - m2 * g2 ** 2 / gamma) + upper_wd * w2)
+    new_keep = torch.zeros(10, dtype=torch.float64)
+    new_keep[torch.cat([s1.abs().flatten(), s2.abs().flatten()]).topk(5).indices] = 1
+
+    for got, want in [(model[0].weight, w1n), (model[1].weight, w2n),
+                      (model[0].scores, s1), (model[1].scores, s2)]:
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-14)
+    torch.testing.assert_close(torch.cat([model[0].mask.flatten(), model[1].mask.flatten()]), new_keep)
+
+
+def test_bip_gamma_inf_drops_the_implicit_term():
+    cfg = prune_cfg("prune.method=bip", "bip.gamma=inf")
+    assert BipPaper(cfg, nn.Sequential(MaskedLinear(3, 2))).ig_coeff == 0.0
+
+
+# -- BiP, reference variant: the released code's quirks ----------------------------------------
+
+def _ref_model():
+    torch.manual_seed(1)
+    return nn.Sequential(MaskedConv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), MaskedLinear(3, 4)).double()
+
+
+def _batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_t, x_v = torch.randn(6, 2, 4, 4, generator=g).double(), torch.randn(6, 2, 4, 4, generator=g).double()
+    return [(x_t, torch.randint(0, 4, (6,), generator=g)), (x_v, torch.randint(0, 4, (6,), generator=g))]
+
+
+def _forward(x, p):
+    """The reference model as a function of explicit tensors (train-mode BN)."""
+    h = F.conv2d(x, p["conv_z"], padding=1)
+    h = F.batch_norm(h, None, None, p["bn_w"], p["bn_b"], training=True)
+    h = F.relu(h).mean(dim=(2, 3))
+    return F.linear(h, p["fc_z"], p["fc_b"])
+
+
+def _dz(x, y, w, m, extra):
+    """dL/dZ for both masked layers and dL/d(bn_w, bn_b, fc_b), by autograd on leaves."""
+    leaves = {"conv_z": (w["conv"] * m["conv"]), "fc_z": (w["fc"] * m["fc"]), **extra}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    F.cross_entropy(_forward(x, leaves), y).backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def test_reference_iteration_zero_matches_restatement():
+    """Iteration 0 without aliasing (kaiming scores, weights x 1/sqrt(k)), from the spec:
+    A (lower) skips the scores (no grad slot yet); the mask optimizer B sees G = gM(1 - lr2 gB)
+    with gB = gM on the same batch, and still decays W and b, whose zero-filled slots exist."""
+    lr, lr2, wd, k, epochs = 0.1, 0.3, 0.01, 0.5, 4
+    cfg = prune_cfg("prune.method=bip", "bip.variant=reference", "prune.score_init=kaiming",
+                    f"prune.k={k}", f"optim.lr={lr}", f"optim.wd={wd}", f"bip.lr2={lr2}",
+                    "bip.mask_lr=0.77", "bip.mask_lr_schedule=step", f"train.epochs={epochs}")
+    model = _ref_model()
+    conv, bn, fc = model[0], model[1], model[5]
+    w0 = {"conv": conv.weight.detach() / math.sqrt(k), "fc": fc.weight.detach() / math.sqrt(k)}
+    s = {"conv": conv.scores.detach().clone(), "fc": fc.scores.detach().clone()}
+    bn_w, bn_b, fc_b = bn.weight.detach().clone(), bn.bias.detach().clone(), fc.bias.detach().clone()
+    method = BipReference(cfg, model)
+    method.on_epoch_start(0)
+    batches = _batches()
+    method.step(batches, 0.0)
+
+    lr_a = lr * 0.5 * (1 + math.cos(math.pi * (0 - 1) / epochs))  # cosine with the (e - 1) quirk
+    lr_b = lr  # step schedule, based on optim.lr, NOT bip.mask_lr (A3)
+    flat = torch.cat([s["conv"].abs().flatten(), s["fc"].abs().flatten()])
+    n_keep = flat.numel() - int((1 - k) * flat.numel())
+    keep = torch.zeros_like(flat)
+    keep[flat.topk(n_keep).indices] = 1
+    m = {"conv": keep[:s["conv"].numel()].view_as(s["conv"]), "fc": keep[s["conv"].numel():].view_as(s["fc"])}
+    # 1. A on V: W, b, BN move; scores have no slot yet.
+    (x_t, y_t), (x_v, y_v) = batches
+    g = _dz(x_v, y_v, w0, m, {"bn_w": bn_w, "bn_b": bn_b, "fc_b": fc_b})
+    w_a = {n: w0[n] - lr_a * (m[n] * g[f"{n}_z"] + wd * w0[n]) for n in w0}
+    bn_w_a, bn_b_a = bn_w - lr_a * (g["bn_w"] + wd * bn_w), bn_b - lr_a * (g["bn_b"] + wd * bn_b)
+    fc_b_a = fc_b - lr_a * (g["fc_b"] + wd * fc_b)
+    # 2-4. On T: gB = gM for scores and BN; G = g - lr2 * g^2; W and b get only B's weight decay.
+    g = _dz(x_t, y_t, w_a, m, {"bn_w": bn_w_a, "bn_b": bn_b_a, "fc_b": fc_b_a})
+    expect = {}
+    for n in ("conv", "fc"):
+        g_s = torch.sign(s[n]) * w_a[n] * g[f"{n}_z"]
+        expect[f"{n}.scores"] = s[n] - lr_b * (g_s - lr2 * g_s ** 2 + wd * s[n])
+        expect[f"{n}.weight"] = w_a[n] - lr_b * wd * w_a[n]
+    for name, value, grad in (("bn.weight", bn_w_a, g["bn_w"]), ("bn.bias", bn_b_a, g["bn_b"])):
+        expect[name] = value - lr_b * (grad - lr2 * grad ** 2 + wd * value)
+    expect["fc.bias"] = fc_b_a - lr_b * wd * fc_b_a
+    got = {"conv.scores": conv.scores, "fc.scores": fc.scores, "conv.weight": conv.weight,
+           "fc.weight": fc.weight, "bn.weight": bn.weight, "bn.bias": bn.bias, "fc.bias": fc.bias}
+    for name, want in expect.items():
+        torch.testing.assert_close(got[name].detach(), want, rtol=0, atol=1e-13, msg=name)
+    # A has no state for the scores after iteration 0; it decays them from iteration 1 on.
+    assert all(p not in method.lower.state for p in method.scores)
+    method.step(_batches(1), 0.5)
+    assert all("momentum_buffer" in method.lower.state[p] for p in method.scores)
+
+
+def test_reference_scaled_init_aliases_scores_and_weights():
+    cfg = prune_cfg("prune.method=bip", "bip.variant=reference", "prune.score_init=magnitude",
+                    "prune.k=0.5", "train.epochs=2")
+    model = _ref_model()
+    conv = model[0]
+    method = BipReference(cfg, model)
+    assert conv.scores.data_ptr() == conv.weight.data_ptr()
+    before = conv.scores.detach().clone()
+    method.on_epoch_start(0)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    method.step(_batches(), 0.0)
+    # a weight update moved the scores too: one storage
+    assert not torch.equal(conv.scores.detach(), before)
+    assert torch.equal(conv.scores.detach(), conv.weight.detach())
+    assert len(forwards) == 4  # V, T, T and the logging forward on T
+
+
+def test_reference_lr_schedules():
+    cfg = prune_cfg("prune.method=bip", "bip.variant=reference", "optim.lr=0.1",
+                    "bip.mask_lr=0.5", "bip.mask_lr_schedule=step", "train.epochs=100")
+    method = BipReference(cfg, _ref_model())
+    method.on_epoch_start(0)
+    assert method.lower.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(-math.pi / 100)))
+    assert method.upper.param_groups[0]["lr"] == pytest.approx(0.1)
+    method.on_epoch_start(50)
+    assert method.upper.param_groups[0]["lr"] == pytest.approx(0.01)
+    method.on_epoch_start(99)
+    assert method.lower.param_groups[0]["lr"] > 0
+
+
+# -- HYDRA, finetune, one-shot, IMP -------------------------------------------------------------
+
+def _small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(MaskedConv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), MaskedLinear(8, 5))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+@pytest.mark.parametrize("method_name", ["hydra", "bip"])
+def test_mask_recomputed_exactly_once_per_step(method_name):
+    model = _small_model()
+    method = create_method(prune_cfg(f"prune.method={method_name}", "prune.k=0.3"), model)
+    layer = masking.masked_layers(model)[0][1]
+    start = layer.mask_version
+    for i in range(3):
+        method.step([_batch(i), _batch(i + 10)][:method.streams], i / 3)
+    assert layer.mask_version - start == 3
+
+
+def test_hydra_trains_scores_and_bn_not_weights():
+    model = _small_model()
+    weights = [m.weight.detach().clone() for _, m in masking.masked_layers(model)]
+    scores = [m.scores.detach().clone() for _, m in masking.masked_layers(model)]
+    bn = model[1].weight.detach().clone()
+    method = Hydra(prune_cfg("prune.method=hydra", "prune.k=0.3"), model)
+    method.step([_batch()], 0.0)
+    for w, (_, m) in zip(weights, masking.masked_layers(model)):
+        assert torch.equal(w, m.weight)
+    assert any(not torch.equal(s, m.scores) for s, (_, m) in zip(scores, masking.masked_layers(model)))
+    assert not torch.equal(bn, model[1].weight)
+
+
+def test_finetune_keeps_mask_and_zeros():
+    model = _small_model()
+    OneShot(prune_cfg("prune.method=omp", "prune.k=0.3"), model)
+    masks = [m.mask.clone() for _, m in masking.masked_layers(model)]
+    cfg = load_config([], ["run.stage=finetune", "prune.layer_type=unstructured", "prune.k=0.3"])
+    method = Dense(cfg, model)
+    for i in range(3):
+        method.step([_batch(i)], i / 3)
+    for mask, (_, m) in zip(masks, masking.masked_layers(model)):
+        assert torch.equal(mask, m.mask)
+        assert torch.all(m.weight[mask == 0] == 0)  # exactly zero, not small
+        assert m.weight[mask == 1].abs().sum() > 0
+        assert m.scores.grad is None
+
+
+def test_omp_is_global_magnitude_and_random_is_not():
+    model = _small_model()
+    OneShot(prune_cfg("prune.method=omp", "prune.k=0.25"), model)
+    weights = torch.cat([m.weight.abs().flatten() for _, m in masking.masked_layers(model)])
+    kept = torch.cat([m.mask.flatten() for _, m in masking.masked_layers(model)]).bool()
+    assert weights[kept].min() >= weights[~kept].max()
+    torch.manual_seed(3)
+    OneShot(prune_cfg("prune.method=random", "prune.k=0.25"), model)
+    kept_random = torch.cat([m.mask.flatten() for _, m in masking.masked_layers(model)]).bool()
+    assert kept_random.sum() == kept.sum() and not torch.equal(kept_random, kept)
+
+
+def test_imp_rounds_prune_the_remainder_and_rewind():
+    assert imp_rounds(0.8, 0.2) == 1 and imp_rounds(0.64, 0.2) == 2 and imp_rounds(0.1, 0.2) == 11
+    model = _small_model()
+    rewind = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    cfg = prune_cfg("prune.method=imp", "prune.k=0.5", "train.epochs=2")
+    method = Imp(cfg, model, rewind)
+    assert method.epochs() == 4 * 2 and method.density(3) == 0.5
+    total = sum(m.mask.numel() for _, m in masking.masked_layers(model))
+    for epoch, density in [(0, 0.8), (2, 0.64)]:
+        method.on_epoch_start(epoch)
+        kept = sum(int(m.mask.sum()) for _, m in masking.masked_layers(model))
+        assert kept == round(density * total)
+        conv = masking.masked_layers(model)[0][1]
+        torch.testing.assert_close(conv.weight, (rewind["0.weight"]) * conv.mask)  # rewound
+        method.step([_batch(epoch)], epoch)
