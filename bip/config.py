@@ -137,14 +137,16 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 100
-    mixed_precision: str = "no"     # no | bf16 | fp16
+    mixed_precision: str = "fp32"   # fp32 | bf16 (autocast; bf16 needs no loss scaling)
     label_smoothing: float = 0.0
     deterministic: bool = False     # cuDNN deterministic algorithms (recorded, never implied)
     steps_per_epoch: int = 0        # > 0 caps each epoch (benchmarks, smoke runs); 0 = full
     rewind_epoch: int = -1          # pretrain: epoch whose weights IMP rewinds to (-1: 5% of epochs)
 
     def __post_init__(self):
-        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.mixed_precision == "no":  # accelerate's spelling
+            object.__setattr__(self, "mixed_precision", "fp32")
+        _check_choice("train.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
         if self.epochs < 0 or self.steps_per_epoch < 0:
             raise BipError("train.epochs and train.steps_per_epoch must be >= 0")
 
@@ -356,12 +358,8 @@ def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] 
         key, sep, value = text.partition("=")
         if not sep or not key:
             raise BipError(f"expected section.key=value, got {text!r}")
-        # The value is parsed as YAML so `a.b=[1,2]` or `a.b=null` work like in a file.
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            parsed = value
-        items.append((key.strip(), parsed if not isinstance(parsed, (dict, list)) else value, "cli"))
+        # Kept as text: _coerce converts it to the field's type ("no" stays a string).
+        items.append((key.strip(), value.strip(), "cli"))
     return build_config(items)
 
 

@@ -352,13 +352,12 @@ class _Progress:
 def _accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    if cfg.train.mixed_precision == "fp16":
-        raise BipError("train.mixed_precision=fp16 is not supported; use bf16 (no loss scaling needed)")
     # Masks are buffers too: do not re-send every buffer at every forward (BN statistics are
     # averaged before each evaluation instead; the masks are identical on every rank). accelerate
     # only knows the flag's old name, which newer torch reports as deprecated.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+    precision = {"fp32": "no", "bf16": "bf16"}[cfg.train.mixed_precision]
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
