@@ -28,7 +28,7 @@ from bip.data.loaders import build_loaders
 from bip.errors import BipError
 from bip.export import count_params_and_macs
 from bip.methods import create_method
-from bip.models import create_model
+from bip.models import create_model, model_builder
 from bip.provenance import provenance, seed_everything
 
 Hook = Callable[[str, dict], None]
@@ -54,12 +54,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
 def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
     start_time, main = time.time(), accelerator.is_main_process
     seed_everything(cfg.run.seed, cfg.train.deterministic)
+    # Cheap checks first: a typo should not wait for the dataset to load.
+    model_builder(cfg.model.arch)
+    source = source_path(cfg, Path(cfg.run.result_dir))
+    resume_path = Path(cfg.run.resume) if cfg.run.resume else run_dir / identity.CHECKPOINT
+    resuming = resume_path.is_file() or bool(cfg.run.resume)
     spec = load_dataset(cfg.data, cfg.model.num_classes)
     # On the device before any aliasing (reference BiP) or optimizer references are made.
     model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type).to(accelerator.device)
-    resume_path = Path(cfg.run.resume) if cfg.run.resume else run_dir / identity.CHECKPOINT
-    resuming = resume_path.is_file() or bool(cfg.run.resume)
-    source = source_path(cfg, Path(cfg.run.result_dir))
     if source is not None:
         load_source(cfg, model, source)
     elif cfg.run.stage != "pretrain" and not resuming:

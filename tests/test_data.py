@@ -159,3 +159,25 @@ def test_augmentation_keeps_shape_and_pads_black():
     x, _ = next(iter(stream.epoch(0)))
     assert x.shape == (8, 3, 8, 8)
     assert set(x.unique().tolist()) <= {0.0, 1.0} and (x == 0).any()  # padding is black
+
+
+def test_imagenet_lmdb_of_the_seed_format(tmp_path):
+    lmdb = pytest.importorskip("lmdb")
+    import io
+    for split in ("train", "val"):
+        env = lmdb.open(str(tmp_path / f"{split}.lmdb"), map_size=1 << 24)
+        keys = []
+        with env.begin(write=True) as txn:
+            for i in range(4):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(buf, format="JPEG")
+                key = f"{i:08d}".encode()
+                txn.put(key, pickle.dumps((buf.getvalue(), i % 2)))
+                keys.append(key)
+            txn.put(b"__keys__", pickle.dumps(keys))
+            txn.put(b"__len__", pickle.dumps(len(keys)))
+        env.close()
+    spec = load_dataset(data_cfg("data.dataset=ImageNet", f"data.data_dir={tmp_path}"))
+    image, label = spec.train[3]
+    assert len(spec.train) == 4 and label == 1 and image.size == (40, 40)
+    assert abs(np.asarray(image).mean() - 180) < 3

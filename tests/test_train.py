@@ -120,6 +120,7 @@ def test_finetune_rejects_another_layer_type_or_k(tmp_path, capsys):
                                     "prune.k=0.5", f"run.parent={identity.run_id(pre)}"])
     train(prune)
     source = identity.run_dir(prune) / "checkpoint.pt"
+    capsys.readouterr()
     for layer_type, k in (("unstructured", 0.5), ("filter", 0.3)):
         rc = main(["--exp-mode", "finetune", "--layer-type", layer_type, "--k", str(k),
                    "--source-net", str(source), *[f"{o}" for o in base]])

@@ -91,11 +91,11 @@ class FfcvStream:
         from ffcv.fields.decoders import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
 
-        from bip.data.ffcv_ops import EpochKey, SeededFlip, SeededPadCrop, SeededRandomResizedCropDecoder
+        from bip.data.ffcv_ops import CropDecoder, EpochKey, SeededFlip, SeededPadCrop
         self.cfg, self.size, self.seed, self.stream, self.finish = cfg, size, seed, stream, finish
         self.key, self.decoder = EpochKey(), None
         if style == "imagenet" and cfg.augment:
-            self.decoder = SeededRandomResizedCropDecoder((size, size), self.key)
+            self.decoder = CropDecoder((size, size), self.key)
             ops = [self.decoder, SeededFlip(self.key)]
         elif style == "imagenet":
             ops = _eval_ops(style, size)
@@ -158,9 +158,11 @@ def _eval(path: str, indices: np.ndarray, batch_size: int, workers: int, image_o
 
 
 def _eval_ops(style: str, size: int) -> list:
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+
+    from bip.data.ffcv_ops import CropDecoder
     if style == "imagenet":
-        return [CenterCropRGBImageDecoder((size, size), ratio=EVAL_CROP_RATIO)]
+        return [CropDecoder((size, size), center_ratio=EVAL_CROP_RATIO)]
     return [SimpleRGBImageDecoder()]
 
 

@@ -1,5 +1,5 @@
 """Seeded ffcv operations: random-resized-crop decoding, horizontal flip and pad-crop whose
-random draws are a pure function of (epoch key, sample index).
+random draws are a pure function of (epoch key, sample index); center-crop decoding.
 
 ffcv's own augmentations draw from numba's per-thread generators, which no seed reaches and
 whose draws depend on which thread decodes which image; these make an epoch of a training
@@ -39,6 +39,9 @@ class EpochKey:
     @property
     def address(self) -> int:
         return self.box.ctypes.data
+
+
+_NO_KEY = EpochKey()  # read, and ignored, by evaluation decoders
 
 
 @njit
@@ -91,23 +94,39 @@ def random_crop(height, width, scale, log_ratio, key):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
-    """RandomResizedCropRGBImageDecoder with keyed crops. Set ``output_size`` between epochs
-    for progressive resizing (buffers are sized per epoch; the code does not change)."""
+# Compiled once per process and shared by every loader: a dispatcher that ffcv compiles per
+# loader (Compiler.compile(imdecode)) costs seconds, and numba's finalizer of one compiled
+# with literal arguments raises a KeyError (printed, harmless) when the loader is freed.
+_imdecode, _resize_crop = njit(imdecode), njit(resize_crop)
 
-    def __init__(self, output_size, key: EpochKey, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+
+@njit
+def center_crop(height, width, ratio):
+    side = int(ratio * min(height, width))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class CropDecoder(ResizedCropRGBImageDecoder):
+    """Decode, crop and resize to ``output_size``: with a ``key``, torchvision's
+    RandomResizedCrop(scale, ratio) with keyed draws (training); without, the central square
+    of ``center_ratio`` x the shorter side (evaluation). ``output_size`` may change between
+    epochs (progressive resizing): buffers are sized per epoch, the code does not change."""
+
+    def __init__(self, output_size, key: EpochKey | None = None, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3), center_ratio: float = 224 / 256):
         super().__init__(output_size)
-        self.key, self.scale, self.ratio = key, scale, ratio
+        self.key, self.scale, self.ratio, self.center_ratio = key, scale, ratio, center_ratio
 
     @property
-    def get_crop_generator(self):  # abstract in ffcv; the crop is drawn in generate_code
-        return random_crop
+    def get_crop_generator(self):  # abstract in ffcv; the crop is chosen in generate_code
+        return random_crop if self.key is not None else center_crop
 
     def generate_code(self) -> Callable:
         # ffcv's ResizedCropRGBImageDecoder.generate_code, with the crop drawn from the key.
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        jpg, address = IMAGE_MODES["jpg"], self.key.address
+        jpg, keyed = IMAGE_MODES["jpg"], self.key is not None
+        address = self.key.address if keyed else _NO_KEY.address
+        center_ratio = float(self.center_ratio)
         scale, log_ratio = np.array(self.scale, dtype=np.float64), np.log(np.array(self.ratio))
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -120,14 +139,17 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
-                               False, False)
+                    _imdecode(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                              False, False)
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                top, left, h, w = random_crop(int(height), int(width), scale, log_ratio,
-                                              sample_key(epoch_key, source_ix, CROP_SALT))
-                resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
+                if keyed:
+                    top, left, h, w = random_crop(int(height), int(width), scale, log_ratio,
+                                                  sample_key(epoch_key, source_ix, CROP_SALT))
+                else:
+                    top, left, h, w = center_crop(int(height), int(width), center_ratio)
+                _resize_crop(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -27,10 +27,14 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
-def create_model(arch: str, num_classes: int, layer_type: str = "dense") -> nn.Module:
+def model_builder(arch: str) -> Builder:
     if arch not in MODELS:
         raise BipError(f"unknown arch {arch!r}; choose one of: {', '.join(list_models())}")
-    return MODELS[arch](num_classes, LayerFactory(layer_type))
+    return MODELS[arch]
+
+
+def create_model(arch: str, num_classes: int, layer_type: str = "dense") -> nn.Module:
+    return model_builder(arch)(num_classes, LayerFactory(layer_type))
 
 
 # The architectures register themselves on import; this list is the whole catalogue.

@@ -1,0 +1,227 @@
+"""The launcher without Slurm: grid validation, expansion and the stage DAG, skipping done runs,
+--dry-run, and whole grids run in-process (--debug) and as subprocesses (--local)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bip import identity
+from launch import grid, profiles, state, sweep
+
+REPO = Path(__file__).resolve().parents[1]
+# A run of this size takes well under a second in-process once torch is imported.
+TINY = {"dataset": "synthetic", "data.synthetic_size": 128, "data.batch_size": 32, "epochs": 1,
+        "arch": "resnet20s", "data.num_workers": 0, "train.steps_per_epoch": 2}
+README_K = [0.8, 0.64, 0.512, 0.41, 0.328, 0.262, 0.2097, 0.1678, 0.1342, 0.1074, 0.0859, 0.0687,
+            0.055, 0.044, 0.035, 0.028, 0.0225, 0.018, 0.0144, 0.0115, 0.0092]
+
+
+def write_grid(folder: Path, name: str = "g", **doc) -> Path:
+    base = {"name": name, "profile": "local", "set": dict(TINY),
+            "stages": {"pretrain": {}, "prune": {"set": {"layer_type": "unstructured"}},
+                       "finetune": {"methods": ["hydra"]}},
+            "axes": {"method": ["hydra", "omp"], "k": [0.5, 0.2], "seed": [1]}}
+    base.update(doc)
+    path = folder / f"{name}.yml"
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    return path
+
+
+def cli(*args) -> int:
+    return grid.main([str(a) for a in args])
+
+
+# -- validation ------------------------------------------------------------------------------
+
+BAD_GRIDS = {
+    "unknown axis key": ({"axes": {"methd": ["bip"]}}, "unknown key 'methd' (did you mean method"),
+    "empty axis": ({"axes": {"k": []}}, "non-empty list"),
+    "duplicate cells": ({"axes": {"k": [0.5, 0.5]}}, "duplicate cells"),
+    "unhashed duplicates": ({"axes": {"data.num_workers": [0, 2]}}, "duplicate cells"),
+    "unknown profile": ({"profile": "no-such-cluster"}, "unknown Slurm profile 'no-such-cluster'"),
+    "unknown grid key": ({"axis": {"k": [0.5]}}, "unknown key 'axis' (did you mean axes?)"),
+    "bad value": ({"axes": {"k": [1.5]}}, "prune.k=1.5 is out of range"),
+    "zip lengths": ({"zip": {"bip.gamma": [1, 10], "optim.lr": [0.1]}}, "same length"),
+    "axis twice": ({"zip": {"prune.k": [0.1]}}, "prune.k is already an axis (k)"),
+    "launcher key": ({"axes": {"run.stage": ["prune"]}}, "set by the launcher"),
+    "bad scope": ({"axes": {"optim.lr@finetun": [0.1]}}, "@finetun is not a stage"),
+    "bad resource": ({"resources": {"gpus": 1}}, "unknown profile key 'gpus' (did you mean gpus_per_node?)"),
+    "finetune alone": ({"stages": {"finetune": {}}}, "needs a prune stage"),
+    "placeholder": ({"stages": {"pretrain": {"configs": ["configs/{datset}/pretrain.yml"]}, "prune": {}}},
+                    "placeholder {datset}"),
+    "missing config": ({"stages": {"pretrain": {"configs": ["configs/{method}/x.yml"]}}, "axes": {"seed": [1]}},
+                       "placeholder {method}"),
+    "no layer type": ({"stages": {"pretrain": {}, "prune": {}}}, "needs prune.layer_type"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRIDS))
+def test_bad_grids_fail_with_one_line_before_submitting(case, tmp_path, capsys):
+    changes, message = BAD_GRIDS[case]
+    path = write_grid(tmp_path, **changes)
+    assert cli(path, "--root", tmp_path / "runs") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_profiles_validate_and_map_to_submitit():
+    for name in ("local", "example-cluster"):
+        assert set(profiles.load_profile(name)) == set(profiles.KEYS)
+    p = profiles.resolve(profiles.load_profile("example-cluster"), {"gpus_per_node": 2, "tasks_per_node": 2}, "t")
+    params = profiles.slurm_parameters(p)
+    assert params["gpus_per_node"] == 2 and params["ntasks_per_node"] == 2 and params["mem"] == "256GB"
+    with pytest.raises(Exception, match="tasks_per_node .1. must equal gpus_per_node .2."):
+        profiles.resolve(p, {"tasks_per_node": 1}, "t")
+
+
+# -- expansion -------------------------------------------------------------------------------
+
+def test_one_pretrain_per_seed_is_shared_and_finetune_follows_its_prune(tmp_path):
+    plan = sweep.load_grid(write_grid(tmp_path, axes={"method": ["bip", "hydra"], "k": [0.5, 0.2, 0.1],
+                                                      "seed": [1, 2]}), tmp_path)
+    pretrain, prune, finetune = (plan.runs[s] for s in sweep.STAGES)
+    assert (plan.cells, len(pretrain), len(prune), len(finetune)) == (12, 2, 12, 6)
+    by_key = {run.key: run for run in plan.all_runs()}
+    for run in prune:
+        parent = by_key[run.parent]
+        assert parent.stage == "pretrain" and parent.cfg.run.seed == run.cfg.run.seed
+        assert run.cfg.run.parent == parent.key.split("/")[0] and run.cfg.run.result_dir == str(tmp_path)
+    for run in finetune:
+        parent = by_key[run.parent]
+        assert (run.cfg.prune.method, run.cfg.prune.layer_type, run.cfg.prune.k) == \
+               (parent.cfg.prune.method, parent.cfg.prune.layer_type, parent.cfg.prune.k) == \
+               ("hydra", "unstructured", run.cfg.prune.k)
+        assert run.cfg.run.stage == "finetune" and run.key.startswith("synthetic-resnet20s-finetune-hydra-")
+
+
+def test_axis_scopes_keep_the_pretrain_shared(tmp_path):
+    plan = sweep.load_grid(write_grid(tmp_path, axes={"k": [0.5], "optim.lr": [0.1, 0.01]}), tmp_path)
+    assert len(plan.runs["pretrain"]) == 1 and len(plan.runs["prune"]) == 2
+    assert {run.cfg.optim.lr for run in plan.runs["finetune"]} == {0.1}  # prune-only by default
+    plan = sweep.load_grid(write_grid(tmp_path, axes={"k": [0.5], "optim.lr@pretrain,prune": [0.1, 0.01]}), tmp_path)
+    assert len(plan.runs["pretrain"]) == 2
+
+
+def test_zip_advances_together_and_crosses_the_product(tmp_path):
+    plan = sweep.load_grid(write_grid(tmp_path, axes={"seed": [1, 2]},
+                                      zip={"method": ["hydra", "omp", "bip"], "k": [0.5, 0.2, 0.1]}), tmp_path)
+    assert plan.cells == 6 and len(plan.runs["pretrain"]) == 2
+    assert {(r.cfg.prune.method, r.cfg.prune.k) for r in plan.runs["prune"]} == \
+           {("hydra", 0.5), ("omp", 0.2), ("bip", 0.1)}
+
+
+def test_shipped_grids_reproduce_the_readme_series():
+    grids = {name: sweep.load_grid(REPO / "configs" / "grids" / f"{name}.yml")
+             for name in ("cifar10_unstructured", "cifar10_structured", "demo")}
+    counts = {name: tuple(len(plan.runs[s]) for s in plan.runs) for name, plan in grids.items()}
+    assert counts == {"cifar10_unstructured": (3, 126, 63), "cifar10_structured": (3, 108, 54),
+                      "demo": (1, 12, 8)}
+    unstructured = grids["cifar10_unstructured"].runs["prune"]
+    assert sorted({r.cfg.prune.k for r in unstructured}, reverse=True) == README_K
+    assert {(r.cfg.prune.method, r.cfg.model.arch, r.cfg.data.dataset) for r in unstructured} == \
+           {("bip", "resnet18", "CIFAR10"), ("hydra", "resnet18", "CIFAR10")}
+    structured = grids["cifar10_structured"].runs["prune"]
+    assert {r.cfg.prune.layer_type for r in structured} == {"filter", "channel"}
+    assert sorted({r.cfg.prune.k for r in structured}) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # The two CIFAR-10 grids share their pretrains (same config -> same run ids).
+    assert [r.key for r in grids["cifar10_unstructured"].runs["pretrain"]] == \
+           [r.key for r in grids["cifar10_structured"].runs["pretrain"]]
+
+
+def test_submission_config_yaml_matches_the_trainers():
+    cfg = sweep.load_grid(REPO / "configs" / "grids" / "demo.yml").runs["finetune"][0].cfg
+    assert state.config_yaml(cfg, {"x": 1}) == identity.config_yaml(cfg, {"x": 1})
+
+
+# -- plans and states ------------------------------------------------------------------------
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    assert cli(write_grid(tmp_path), "--root", tmp_path / "runs", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "4 cells, 7 runs" in out and "nothing submitted" in out
+    assert [line.split()[:2] for line in out.splitlines()[2:5]] == [["pretrain", "1"], ["prune", "4"], ["finetune", "2"]]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_of_1000_cells_is_fast(tmp_path):
+    path = write_grid(tmp_path, axes={"seed": [1, 2, 3, 4, 5], "method": ["bip", "hydra"],
+                                      "k": [round(0.9 ** i, 5) for i in range(1, 26)],
+                                      "train.epochs": [1, 2, 3, 4]})
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, REPO / "launch" / "grid.py", path, "--root", tmp_path / "runs",
+                          "--dry-run"], capture_output=True, text=True, check=True).stdout
+    assert time.perf_counter() - t0 < 10
+    assert "1000 cells, 1505 runs" in out and not (tmp_path / "runs").exists()
+
+
+def test_states_combine_folders_and_slurm():
+    combine = state._combine
+    d = Path("/nonexistent")
+    assert combine("done", "FAILED", "done", "1_0", d)[0] == "done"
+    assert combine("failed", "PENDING", "done", "1_0", d)[0] == "pending"      # resubmitted
+    assert combine("started", "RUNNING", "done", "1_0", d)[0] == "running"
+    assert combine("waiting", "FAILED", "failed", "1_0", d)[0] == "blocked"
+    assert combine("started", "TIMEOUT", "done", "1_0", d)[0] == "failed"      # killed, no error.json
+    assert combine("started", "COMPLETED", "done", "1_0", d)[0] == "started"   # result.json deleted
+    assert combine("waiting", "", "done", None, d)[0] == "waiting"
+
+
+# -- whole grids -----------------------------------------------------------------------------
+
+def test_debug_runs_the_dag_skips_done_runs_and_redoes_what_depends_on_a_deleted_result(tmp_path, capsys):
+    path, root = write_grid(tmp_path), tmp_path / "runs"
+    assert cli(path, "--root", root, "--debug") == 0
+    plan = sweep.load_grid(path, root)
+    assert all((plan.dir(run) / identity.RESULT).is_file() for run in plan.all_runs())
+    assert (root / "index.csv").read_text().count("\n") == 1 + len(plan.all_runs())  # collect ran
+    capsys.readouterr()
+    assert cli(path, "--root", root, "--debug") == 0
+    assert "nothing to submit" in capsys.readouterr().out
+
+    prune = next(r for r in plan.runs["prune"] if r.cfg.prune.method == "hydra")
+    child = next(r for r in plan.runs["finetune"] if r.parent == prune.key)
+    (plan.dir(prune) / identity.RESULT).unlink()
+    assert cli(path, "--root", root, "--dry-run") == 0
+    submit = {line.split()[0]: int(line.split()[5]) for line in capsys.readouterr().out.splitlines()[2:5]}
+    assert submit == {"pretrain": 0, "prune": 1, "finetune": 1}
+    assert cli(path, "--root", root, "--debug") == 0
+    assert (plan.dir(prune) / identity.RESULT).is_file() and (plan.dir(child) / identity.RESULT).is_file()
+    assert list((plan.dir(child) / "superseded").glob(f"*/{identity.RESULT}"))
+
+
+def test_a_failing_cell_is_failed_its_child_blocked_and_only_failed_retries_that_cell(tmp_path, capsys):
+    # run.resume is not hashed: the same cell without it is the same run, fixed.
+    broken = {"zip": {"k": [0.5, 0.2], "run.resume": ["", "/nonexistent/checkpoint.pt"]}}
+    path, root = write_grid(tmp_path, axes={"method": ["hydra"]}, **broken), tmp_path / "runs"
+    assert cli(path, "--root", root, "--debug") == 1
+    capsys.readouterr()
+    assert cli(path, "--root", root, "--status") == 0
+    out = capsys.readouterr().out
+    assert "resume checkpoint" in out and "parent failed" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
+    assert rows["prune"][:5] == ["1", "0", "0", "1", "0"] and rows["finetune"][:5] == ["1", "0", "0", "0", "1"]
+
+    fixed = write_grid(tmp_path, axes={"method": ["hydra"], "k": [0.5, 0.2]})
+    assert cli(fixed, "--root", root, "--only-failed", "--debug") == 0
+    out = capsys.readouterr().out
+    assert out.count("start   ") == 2 and "k=0.2" in out and "k=0.5" not in out.split("start")[1]
+
+
+def test_local_executor_runs_the_dag_in_subprocesses(tmp_path):
+    path = write_grid(tmp_path, stages={"pretrain": {}, "prune": {"set": {"layer_type": "unstructured"}}},
+                      axes={"method": ["omp"], "k": [0.5, 0.2]})
+    root = tmp_path / "runs"
+    out = subprocess.run([sys.executable, REPO / "launch" / "grid.py", path, "--root", root, "--local",
+                          "--jobs", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    plan = sweep.load_grid(path, root)
+    results = [json.loads((plan.dir(run) / identity.RESULT).read_text()) for run in plan.all_runs()]
+    assert [r["stage"] for r in results] == ["pretrain", "prune", "prune"]
+    assert list((root / "_local").glob("*/*_result.pkl"))  # ran through submitit's LocalExecutor
