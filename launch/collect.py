@@ -1,0 +1,297 @@
+"""Rebuild ``ROOT/index.csv`` from the run folders alone: one row per run, with its status.
+
+Jobs never append to a shared file; this scan can be re-run at any time and gives a
+byte-identical CSV for the same folders. ``python launch/collect.py ROOT [--plots] [--out DIR]``;
+``collect(root)`` is the library entry point (the launcher's ``--wait`` and the demo call it).
+
+Status of ``ROOT/<run id>/seed_<s>/``, first rule that applies:
+  corrupt  config.yaml missing, unparsable or incomplete, or result.json unparsable (a row
+           with the path, plus whatever result.json still gives; a warning on stderr)
+  done     result.json parses
+  failed   error.json exists
+  running  checkpoint.pt or metrics.jsonl exists (started, not finished: alive or killed)
+  blocked  config only, and the parent run (same seed) is failed or blocked
+  pending  config only
+
+Columns: COLUMNS, then every config field as ``section.key`` (schema order, unknown ones after).
+``path`` is relative to ROOT, so the index does not depend on where ROOT is mounted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+if __package__ in (None, ""):  # run as `python launch/collect.py`: make `launch` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bip.atomic import write_bytes as write_atomic  # noqa: E402
+from bip.config import SECTIONS  # noqa: E402
+from bip.errors import BipError  # noqa: E402
+from bip.identity import CHECKPOINT, CONFIG, ERROR, METRICS, RESULT  # noqa: E402
+from launch import plots as plotting  # noqa: E402
+
+INDEX, SUMMARY = "index.csv", "summary.md"
+STATUSES = ("done", "running", "failed", "blocked", "pending", "corrupt")
+COLUMNS = (
+    "status", "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
+    "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
+    "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
+    "epochs", "wall_time_s", "device", "world_size", "git_sha", "git_dirty", "slurm_job_id",
+    "host", "started", "error", "path",
+)
+_FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
+_FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
+    "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
+    "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
+    "params_dense", "params_effective", "macs_dense", "macs_effective", "epochs", "wall_time_s",
+    "device", "world_size",
+)
+_CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
+_STAGE_ORDER = {"pretrain": 0, "prune": 1, "finetune": 2}
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def collect(root: Path, plots: bool = False, out: Path | None = None) -> Path:
+    """Write ROOT/index.csv (and with ``plots``: ROOT/summary.md and one PNG per panel into
+    ``out``, default ROOT/plots); returns the index path. Raises BipError for a missing ROOT
+    or, with ``plots``, a missing matplotlib."""
+    return _collect(Path(root), plots, out)[0]
+
+
+def _collect(root: Path, plots: bool, out: Path | None) -> tuple[Path, list[dict]]:
+    rows = scan(root)
+    index = root / INDEX
+    write_atomic(index, index_csv(rows))
+    if plots:
+        # The summary needs no matplotlib: write it before the PNGs, which may fail.
+        entries = plotting.summarize(rows)
+        write_atomic(root / SUMMARY, plotting.summary_markdown(entries).encode())
+        out_dir = Path(out) if out is not None else root / "plots"
+        for name, png in plotting.render_panels(entries).items():
+            write_atomic(out_dir / name, png)
+    return index, rows
+
+
+def scan(root: Path) -> list[dict]:
+    """One row per run folder under ``root``, sorted deterministically."""
+    if not Path(root).is_dir():
+        raise BipError(f"{root} is not a directory")
+    try:
+        folders = run_folders(root)
+    except OSError as err:
+        raise BipError(f"cannot list {root}: {err.strerror}") from None
+    rows = [read_run(root, rel) for rel in folders]
+    _mark_blocked(rows)
+    rows.sort(key=_sort_key)
+    return rows
+
+
+def run_folders(root: Path) -> list[str]:
+    """``<run id>/seed_<s>`` for every run folder; _-prefixed folders belong to the launcher."""
+    found = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.startswith((".", "_")) or not entry.is_dir():
+                continue
+            try:
+                with os.scandir(entry.path) as seeds:
+                    found += [f"{entry.name}/{s.name}" for s in seeds
+                              if s.name.startswith("seed_") and s.is_dir()]
+            except OSError as err:  # unreadable: say so, index the rest
+                print(f"warning: {entry.name}: cannot list ({type(err).__name__}); skipped", file=sys.stderr)
+    return found
+
+
+def read_run(root: Path, rel: str) -> dict:
+    """The row of one run folder (``rel`` is relative to ``root``); never raises on bad files."""
+    folder = os.path.join(root, rel)
+    run_id, seed_name = rel.split("/")
+    row: dict = {"run_id": run_id, "seed": _int(seed_name[len("seed_"):]), "path": rel}
+    try:
+        names = set(os.listdir(folder))
+        doc, config_problem = _read_config(folder, names)
+        result, result_problem = _read_result(folder, names)
+    except OSError as err:  # the folder vanished or is unreadable mid-scan
+        names, doc, result = set(), None, None
+        config_problem, result_problem = f"unreadable ({type(err).__name__})", None
+    if doc is not None:
+        row.update(_config_fields(doc))
+    if result is not None:
+        row.update({key: result.get(key) for key in _FROM_RESULT if key in result})
+        sparsity = result.get("sparsity")  # null for dense runs
+        row["kept_fraction"] = sparsity.get("kept_fraction") if isinstance(sparsity, dict) else None
+    row["run_id"] = row.get("run_id") or run_id  # the folder name is the id when files lack it
+    problem = "; ".join(p for p in (config_problem, result_problem) if p)
+    if problem:
+        row.update(status="corrupt", error=problem)
+        print(f"warning: {rel}: {problem}; marked corrupt", file=sys.stderr)
+    elif result is not None:
+        row["status"] = "done"
+    elif ERROR in names:
+        row.update(status="failed", error=_error_message(folder))
+    elif CHECKPOINT in names or METRICS in names:
+        row.update(status="running", epochs=_last_epoch(folder))
+    else:
+        row["status"] = "pending"
+    return row
+
+
+def _read_config(folder: str, names: set[str]) -> tuple[dict | None, str | None]:
+    if CONFIG not in names:
+        return None, f"{CONFIG} is missing"
+    data = _read(folder, CONFIG)
+    # bip writes config.yaml as JSON (valid YAML) ending in a newline: a missing newline means
+    # a cut-short write; a file edited by hand as YAML still reads, only slower.
+    if not data.endswith(b"\n"):
+        return None, f"{CONFIG} is truncated"
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        try:
+            doc = yaml.load(data, Loader=_Loader)
+        except yaml.YAMLError:
+            return None, f"{CONFIG} is not valid YAML"
+    if not (isinstance(doc, dict) and all(key in doc for key in _CONFIG_KEYS)
+            and isinstance(doc["config"], dict)
+            and all(isinstance(section, dict) for section in doc["config"].values())):
+        return None, f"{CONFIG} is incomplete"
+    return doc, None
+
+
+def _read_result(folder: str, names: set[str]) -> tuple[dict | None, str | None]:
+    if RESULT not in names:
+        return None, None
+    try:
+        result = json.loads(_read(folder, RESULT))
+    except ValueError:
+        return None, f"{RESULT} is not valid JSON"
+    return (result, None) if isinstance(result, dict) else (None, f"{RESULT} is not a JSON object")
+
+
+def _read(folder: str, name: str) -> bytes:
+    with open(os.path.join(folder, name), "rb") as f:
+        return f.read()
+
+
+def _config_fields(doc: dict) -> dict:
+    """Identity columns (as the run id names them), provenance, and ``section.key`` columns."""
+    flat = {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
+            if value.__class__ in (dict, list) else value
+            for section, values in doc["config"].items() for key, value in values.items()}
+    stage = flat.get("run.stage")
+    fields = {
+        "run_id": doc["run_id"], "parent_id": doc["parent_id"] or "", "stage": stage,
+        # A pretrain config still carries prune.method's default; a finetune's is its mask's method.
+        "method": "dense" if stage == "pretrain" else flat.get("prune.method"),
+        "dataset": flat.get("data.dataset"), "arch": flat.get("model.arch"),
+        "layer_type": flat.get("prune.layer_type"), "k": flat.get("prune.k"),
+        "seed": flat.get("run.seed"),
+    }
+    provenance = doc["provenance"] if isinstance(doc["provenance"], dict) else {}
+    fields.update({key: provenance[key] for key in _FROM_PROVENANCE if key in provenance})
+    fields.update(flat)
+    return fields
+
+
+def _error_message(folder: str) -> str:
+    try:
+        return str(json.loads(_read(folder, ERROR)).get("error", ""))
+    except (OSError, ValueError, AttributeError):
+        return f"{ERROR} is unreadable"
+
+
+def _last_epoch(folder: str) -> int | None:
+    """The last finished epoch in metrics.jsonl; a line cut short by a kill is skipped."""
+    try:
+        lines = _read(folder, METRICS).splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["epoch"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _mark_blocked(rows: list[dict]) -> None:
+    """A pending run whose parent (same seed, transitively) failed or is blocked is blocked."""
+    by_path = {row["path"]: row for row in rows}
+
+    def blocked(row: dict, seen: set[str]) -> bool:
+        parent = by_path.get(f"{row.get('parent_id')}/{row['path'].split('/')[1]}")
+        if parent is None or parent["path"] in seen:
+            return False
+        if parent["status"] in ("failed", "blocked"):
+            return True
+        return parent["status"] == "pending" and blocked(parent, seen | {parent["path"]})
+
+    for row in rows:
+        if row["status"] == "pending" and row.get("parent_id") and blocked(row, {row["path"]}):
+            row["status"] = "blocked"
+
+
+def _sort_key(row: dict) -> tuple:
+    """Grouped as the plots read them: dataset, arch, stage, method, layer type, k descending."""
+    k = row.get("k")
+    text = [str(row.get(c) or "") for c in ("dataset", "arch", "method", "layer_type", "run_id")]
+    return (*text[:2], _STAGE_ORDER.get(str(row.get("stage")), 3), *text[2:4],
+            -k if isinstance(k, (int, float)) else 0.0, text[4],
+            _int(row["path"].split("/")[1][len("seed_"):]) or 0, row["path"])
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """Fixed columns, then every config field in schema order, then unknown fields sorted (so
+    the header only depends on the set of fields, never on which run came first)."""
+    known = [f"{section}.{f}" for section, kind in SECTIONS.items() for f in kind.__dataclass_fields__]
+    seen = set().union(*rows) if rows else set()
+    extra = sorted(seen - set(COLUMNS) - set(known))
+    return [*COLUMNS, *known, *extra]
+
+
+def index_csv(rows: list[dict]) -> bytes:
+    header = columns(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    # csv writes None as an empty cell and scalars with str(); _config_fields made lists JSON.
+    writer.writerows(map(row.get, header) for row in rows)
+    return buffer.getvalue().encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", type=Path, metavar="ROOT", help="the runs folder")
+    parser.add_argument("--plots", action="store_true",
+                        help="also write ROOT/summary.md and one PNG per dataset/arch/layer type")
+    parser.add_argument("--out", type=Path, help="folder for the PNGs (default: ROOT/plots)")
+    args = parser.parse_args(argv)
+    try:
+        index, rows = _collect(args.root, args.plots, args.out)
+    except (BipError, OSError) as err:  # OSError: e.g. ROOT is read-only
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.plots:
+        print((args.root / SUMMARY).read_text(), end="")
+    counts = {status: sum(row["status"] == status for row in rows) for status in STATUSES}
+    print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
+    print(index, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
