@@ -36,3 +36,53 @@ def count_params_and_macs(model: nn.Module, input_shape: tuple[int, int, int]) -
     macs_effective = sum(kept_of.get(id(m), m.weight.numel()) * positions.get(id(m), 0) for m in layers)
     return {"params_dense": params_dense, "params_effective": params_dense - pruned,
             "macs_dense": macs_dense, "macs_effective": macs_effective}
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model as a plain dense state dict: every masked weight multiplied by its mask (so
+    pruned weights are exactly zero), scores and masks dropped. Loads into the same arch built
+    with layer_type=dense."""
+    masked = {name for name, m in model.named_modules() if isinstance(m, MaskedLayer)}
+    state = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in masked and leaf in ("scores", "mask"):
+            continue
+        if module in masked and leaf == "weight":
+            value = value * model.get_submodule(module).mask
+        state[key] = value.detach().clone()
+    return state
+
+
+def main(argv=None) -> int:
+    """``python -m bip.export RUN_DIR [--out FILE]``: a finished run -> dense-with-zeros weights."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from bip import checkpoint, identity
+    from bip.errors import BipError
+    from bip.models import create_model
+
+    p = argparse.ArgumentParser(prog="python -m bip.export", description=main.__doc__.split(":")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="default: RUN_DIR/dense.pt")
+    args = p.parse_args(argv)
+    try:
+        ckpt = checkpoint.load(args.run_dir / identity.CHECKPOINT)
+        meta = ckpt.get("meta") or {}
+        if "num_classes" not in meta:
+            raise BipError(f"{args.run_dir / identity.CHECKPOINT} is not a bip run checkpoint")
+        model = create_model(meta["arch"], meta["num_classes"], meta["layer_type"])
+        model.load_state_dict(ckpt["model"])
+        out = args.out or args.run_dir / "dense.pt"
+        checkpoint.save(out, dense_state_dict(model))
+    except BipError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

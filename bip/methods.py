@@ -61,6 +61,8 @@ class Method:
     def __init__(self, cfg: Config, model: nn.Module):
         self.cfg, self.core, self.model = cfg, model, model
         self.accelerator = None
+        last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.num_classes = last_linear[-1].out_features if last_linear else 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
     def attach(self, model: nn.Module, accelerator=None) -> None:

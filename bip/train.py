@@ -36,7 +36,6 @@ Hook = Callable[[str, dict], None]
 
 def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = None) -> dict:
     """Run (or resume, or return the finished result of) one stage; returns result.json."""
-    cfg = resolve(cfg)
     run_dir = Path(run_dir) if run_dir is not None else identity.run_dir(cfg)
     if (run_dir / identity.RESULT).is_file():
         return json.loads((run_dir / identity.RESULT).read_text())
@@ -138,8 +137,9 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
 # -- sources ----------------------------------------------------------------------------------
 
 def resolve(cfg: Config) -> Config:
-    """Fill in what the config leaves to the source: a finetune run is labelled with the
-    method that made its mask (read from a bip source checkpoint)."""
+    """Fill in what a hand-made config leaves to the source: a finetune run from --source-net
+    is labelled with the method that made its mask (read from a bip checkpoint). Grids set
+    prune.method themselves."""
     if cfg.run.stage == "finetune" and cfg.run.source_net and Path(cfg.run.source_net).is_file():
         meta = checkpoint.source_state(cfg.run.source_net)[1]
         if meta.get("method") and meta["method"] != "dense":
@@ -249,13 +249,14 @@ def _checkpoint(cfg: Config, method, state: dict) -> dict:
     return {"format": checkpoint.FORMAT, "model": method.core.state_dict(),
             "method": method.state_dict(), "rng": checkpoint.rng_state(),
             "epoch": state["epoch"], "step": state["step"], "best": state["best"],
-            "wall_time_s": state["wall_time_s"], "meta": _meta(cfg)}
+            "wall_time_s": state["wall_time_s"], "meta": _meta(cfg, method.num_classes)}
 
 
-def _meta(cfg: Config) -> dict:
+def _meta(cfg: Config, num_classes: int) -> dict:
     return {"stage": cfg.run.stage, "method": _method_label(cfg),
             "layer_type": cfg.prune.layer_type, "k": cfg.prune.k, "arch": cfg.model.arch,
-            "dataset": cfg.data.dataset, "run_id": identity.run_id(cfg), "seed": cfg.run.seed}
+            "dataset": cfg.data.dataset, "run_id": identity.run_id(cfg), "seed": cfg.run.seed,
+            "num_classes": num_classes}
 
 
 def _method_label(cfg: Config) -> str:
