@@ -1,6 +1,6 @@
 """Masked conv/linear layers and the layer factory that models are built from.
 
-A masked layer owns a weight-shaped score tensor ``scores`` (S) and a weight-shaped 0/1 buffer
+A masked layer owns a weight-shaped score tensor ``scores`` (S) and a weight-shaped bool buffer
 ``mask`` (M). Its forward uses Z = W * M. The mask is NOT recomputed here: bip.masking sets it
 once per optimizer step (and for eval), so every forward of a step sees the same mask.
 
@@ -59,7 +59,7 @@ class MaskedLayer:
         self.scores = nn.Parameter(torch.empty_like(self.weight))
         # Like a default conv/linear weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
-        self.register_buffer("mask", torch.ones_like(self.weight))
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.grad_target = "all"
         self.ig_coeff = 0.0
         self.mask_version = 0  # bumped by bip.masking each time the mask is recomputed

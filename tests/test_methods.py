@@ -65,7 +65,7 @@ def test_bip_paper_iteration_matches_hand_computation():
     for got, want in [(model[0].weight, w1n), (model[1].weight, w2n),
                       (model[0].scores, s1), (model[1].scores, s2)]:
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-14)
-    torch.testing.assert_close(torch.cat([model[0].mask.flatten(), model[1].mask.flatten()]), new_keep)
+    torch.testing.assert_close(torch.cat([model[0].mask.flatten(), model[1].mask.flatten()]).double(), new_keep)
 
 
 def test_bip_gamma_inf_drops_the_implicit_term():
