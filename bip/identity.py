@@ -15,9 +15,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 
-from bip.config import Config
+from bip.config import SECTIONS, Config
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
 MASK, RESULT, ERROR, REWIND = "mask.pt", "result.json", "error.json", "rewind.pt"
@@ -58,17 +59,23 @@ def _unused(cfg: Config) -> set[str]:
     return unused
 
 
+_DEFAULTS = Config()
+
+
 def hashed_fields(cfg: Config) -> dict[str, object]:
     """The non-default, result-affecting fields of ``cfg`` as {section.key: value}."""
-    defaults = Config().to_dict()
     unused = _unused(cfg)
     out: dict[str, object] = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            dotted = f"{section}.{key}"
-            if dotted in _NOT_HASHED or dotted in unused or f"{section}.*" in unused:
-                continue
-            if value != defaults[section][key]:
+    for section in SECTIONS:
+        if f"{section}.*" in unused:
+            continue
+        values, defaults = getattr(cfg, section), getattr(_DEFAULTS, section)
+        if values == defaults:
+            continue
+        for f in fields(values):
+            dotted = f"{section}.{f.name}"
+            value = getattr(values, f.name)
+            if value != getattr(defaults, f.name) and dotted not in _NOT_HASHED and dotted not in unused:
                 out[dotted] = value
     if cfg.run.source_net:
         out["run.source_sha256"] = source_digest(cfg.run.source_net)
