@@ -140,7 +140,7 @@ def test_a_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(tmp_p
     for run in plan.all_runs():  # the prune waited through the requeue (afterany) and agrees too
         results = [json.loads((r / run.key / identity.RESULT).read_text()) for r in (interrupted, reference)]
         assert {f: results[0][f] for f in fields} == {f: results[1][f] for f in fields}
-    losses = [[json.loads(line)["train_loss"] for line in (r / key / identity.METRICS).read_text().splitlines()]
+    losses = [[json.loads(line)["train_loss"] for line in (r / key / identity.METRICS).open()]
               for r in (interrupted, reference)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
@@ -192,10 +192,11 @@ def test_a_1000_cell_grid_is_one_sbatch_per_stage(root, tmp_path):
     shim.mkdir()
     (shim / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("sbatch")} "$@"\n')
     (shim / "sbatch").chmod(0o755)
-    path = write_grid(tmp_path, "big", stages={**STAGES, "finetune": {"methods": ["hydra"]}}, axes={"seed": [1, 2, 3, 4, 5], "method": ["bip", "hydra"],
-                                             "k": [round(0.9 ** i, 5) for i in range(1, 26)],
-                                             "train.epochs": [1, 2, 3, 4]})
-    out = grid(path, tmp_path / "big-runs", "--hold", env={**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"})
+    axes = {"seed": [1, 2, 3, 4, 5], "method": ["bip", "hydra"],
+            "k": [round(0.9 ** i, 5) for i in range(1, 26)], "train.epochs": [1, 2, 3, 4]}
+    path = write_grid(tmp_path, "big", stages={**STAGES, "finetune": {"methods": ["hydra"]}}, axes=axes)
+    path_env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+    out = grid(path, tmp_path / "big-runs", "--hold", env=path_env)
     arrays = manifest(tmp_path / "big-runs", "big")["submissions"][-1]["arrays"]
     subprocess.run(["scancel", *[a["job_id"] for a in arrays]], check=False)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,191 @@
+"""``python launch/grid.py GRID.yml``: expand a grid, skip what is done, submit the rest.
+
+Every cell is expanded and validated before anything is submitted. The pretrain -> prune ->
+finetune DAG goes to Slurm as one job array per stage (launch/submit.py says why the arrays
+are chained with afterany) and the command returns at once, leaving a manifest
+(``<root>/_grids/<name>.json``). ``--local`` runs the DAG on this machine, ``--debug``
+in this process; both block. ``--status`` reads the run folders plus sacct. Exit status: 0,
+1 when a run failed or is blocked (after ``--wait``, ``--local`` or ``--debug``), 2 for a
+bad grid or command line (one line on stderr, nothing submitted).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/grid.py`: make `launch` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bip.errors import BipError  # noqa: E402
+from launch import profiles, state, submit, sweep  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise BipError(f"{self.prog}: {message}")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="grid.py", description="Run a grid of bip runs (pretrain -> prune -> finetune) "
+                "on Slurm (default), this machine (--local) or in this process (--debug).")
+    p.add_argument("grid", help="grid file, e.g. configs/grids/demo.yml")
+    p.add_argument("--root", help="run root (default: the grid's root:, else ./runs)")
+    p.add_argument("--profile", help="Slurm profile name (slurm/profiles/NAME.yaml) or file")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run on this machine (blocks)")
+    where.add_argument("--debug", action="store_true", help="run in this process, one at a time")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    what.add_argument("--status", action="store_true", help="runs by state (folders + sacct)")
+    p.add_argument("--only-failed", action="store_true", help="resubmit failed runs (and what they block)")
+    p.add_argument("--wait", action="store_true", help="block until the submitted jobs end")
+    p.add_argument("--hold", action="store_true", help="submit held (release: scontrol release ID)")
+    p.add_argument("--jobs", type=int, default=1, help="--local: runs at a time (default 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argument_parser().parse_args(argv))
+    except BipError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    executor = "debug" if args.debug else "local" if args.local else "slurm"
+    if args.hold and (args.wait or executor != "slurm"):
+        raise BipError("--hold submits held Slurm jobs: not with --wait, --local or --debug")
+    plan = sweep.load_grid(args.grid, args.root)
+    resources = stage_resources(plan, args.profile, executor)
+    manifest = state.read_manifest(plan)
+    states = state.run_states(plan, manifest, slurm=shutil.which("sacct") is not None)
+    if args.status:
+        print_status(plan, states)
+        return 0
+    runs, stale = state.select(plan, states, args.only_failed)
+    print_plan(plan, states, runs, resources, executor)
+    if args.dry_run:
+        print("dry run: nothing submitted")
+        return 0
+    # Jobs of this grid still queued or running (earlier submissions): children wait for them,
+    # and --wait waits for them too.
+    live = {key: manifest["cells"][key]["job_id"] for key, (s, _) in states.items()
+            if s in ("running", "pending") and manifest["cells"].get(key, {}).get("job_id")}
+    if not runs:
+        print("nothing to submit" + (f"; {len(live)} run(s) still queued or running" if live else ""))
+        if args.wait and live:
+            submit.wait_slurm(sorted(set(live.values())))
+        return finish(plan, state.read_manifest(plan), wait=args.wait or executor != "slurm")
+    check_names(plan)
+    if executor == "slurm" and shutil.which("sbatch") is None:
+        raise BipError("sbatch not found: this is not a Slurm login node (use --local or --debug)")
+    for run_ in stale:
+        moved = state.supersede(plan.dir(run_))
+        print(f"redo {run_.key}: its parent is redone; old outputs moved to {moved}")
+    submission = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor,
+                  "profile": args.profile or plan.profile, "runs": len(runs), "only_failed": args.only_failed}
+    state.write_configs(plan, runs, submission)
+    submit.repo_on_pythonpath(os.environ)
+    if executor == "slurm":
+        return submit_to_slurm(plan, manifest, runs, resources, submission, live, args)
+    state.record(plan, manifest, submission, {run_.key: None for run_ in runs})
+    if executor == "local":
+        submit.run_local(plan, runs, resources, max(1, args.jobs))
+    else:
+        submit.run_debug(plan, runs)
+    return finish(plan, state.read_manifest(plan), wait=True)
+
+
+def submit_to_slurm(plan, manifest, runs, resources, submission, live, args) -> int:
+    job_ids, arrays, error = submit.submit_slurm(plan, runs, resources, live, hold=args.hold)
+    submission["arrays"] = arrays
+    path = state.record(plan, manifest, submission, job_ids)
+    for array in arrays:
+        after = f", {array['dependency']}" if array["dependency"] else ""
+        print(f"submitted {array['stage']}: job {array['job_id']} ({array['tasks']} run(s){after})")
+    print(f"manifest: {path}")
+    if error:
+        raise BipError(error)
+    if not args.wait:
+        return 0
+    submit.wait_slurm(sorted(set(job_ids.values()) | set(live.values())))
+    return finish(plan, state.read_manifest(plan), wait=True)
+
+
+def finish(plan: sweep.Plan, manifest: dict, wait: bool) -> int:
+    """After the runs ended: status summary, results index, exit status."""
+    if not wait:
+        return 0
+    states = state.run_states(plan, manifest, slurm=shutil.which("sacct") is not None)
+    print_status(plan, states)
+    try:
+        from launch.collect import collect
+    except ImportError:
+        collect = None
+    if collect is not None:
+        print(f"index: {collect(plan.root)}")
+    bad = [key for key, (s, _) in states.items() if s in ("failed", "blocked")]
+    return 1 if bad else 0
+
+
+def stage_resources(plan: sweep.Plan, profile: str | None, executor: str) -> dict:
+    name = profile or plan.profile
+    if not name and executor == "slurm":
+        raise BipError(f"grid {plan.name}: no Slurm profile; add `profile:` to the grid or pass --profile")
+    base = profiles.load_profile(name) if name else {}
+    out = {stage: profiles.resolve(base, plan.resources[stage], f"grid {plan.name}: {stage} resources")
+           for stage in plan.runs}
+    for stage, p in out.items():
+        if executor == "local" and p["nodes"] > 1:
+            raise BipError(f"grid {plan.name}: {stage} asks for {p['nodes']} nodes; --local runs on one")
+    return out
+
+
+def check_names(plan: sweep.Plan) -> None:
+    """Unknown arch or dataset names fail here, not in a thousand jobs (imports torch)."""
+    from bip.data import DATASETS
+    from bip.models import MODELS, list_models
+    for run in plan.all_runs():
+        if run.cfg.model.arch not in MODELS:
+            raise BipError(f"grid {plan.name}: unknown arch {run.cfg.model.arch!r}; choose one of: "
+                           + ", ".join(list_models()))
+        if run.cfg.data.dataset not in DATASETS:
+            raise BipError(f"grid {plan.name}: unknown dataset {run.cfg.data.dataset!r}; choose one of: "
+                           + ", ".join(sorted(DATASETS)))
+
+
+def print_plan(plan, states, runs, resources, executor) -> None:
+    chosen = {run.key for run in runs}
+    print(f"grid {plan.name} ({plan.path}): {plan.cells} cells, {len(plan.all_runs())} runs "
+          f"under {plan.root}, executor {executor}")
+    print(f"{'stage':9s} {'runs':>6s} {'done':>6s} {'live':>6s} {'failed':>6s} {'submit':>6s}  resources")
+    for stage, stage_runs in plan.runs.items():
+        got = [states[run.key][0] for run in stage_runs]
+        print(f"{stage:9s} {len(stage_runs):6d} {got.count('done'):6d} "
+              f"{got.count('running') + got.count('pending'):6d} {got.count('failed'):6d} "
+              f"{sum(run.key in chosen for run in stage_runs):6d}  {profiles.describe(resources[stage])}")
+
+
+def print_status(plan: sweep.Plan, states: dict, limit: int = 20) -> None:
+    print(f"grid {plan.name}: {len(plan.all_runs())} runs under {plan.root}")
+    print(f"{'stage':9s} " + " ".join(f"{s:>7s}" for s in state.STATES))
+    for stage, stage_runs in plan.runs.items():
+        got = [states[run.key][0] for run in stage_runs]
+        print(f"{stage:9s} " + " ".join(f"{got.count(s):7d}" for s in state.STATES))
+    for kind in ("failed", "blocked"):
+        rows = [run for run in plan.all_runs() if states[run.key][0] == kind]
+        if rows:
+            print(f"{kind}:")
+        for run in rows[:limit]:
+            print(f"  {run.key}  [{run.label}]  {states[run.key][1]}")
+        if len(rows) > limit:
+            print(f"  ... and {len(rows) - limit} more")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Grid -> validated run configs: the pretrain -> prune -> finetune DAG, shared pretrains,
+duplicate cells (pure: reads the grid and its base configs, touches no run folder).
+
+The format is launch/gridfile.py's. Config paths may hold ``{placeholders}`` (axis or ``set``
+keys); relative paths are looked up in the current directory, then in the repository.
+Precedence inside a stage: config files < ``set`` < stage ``set`` < axes < what the launcher
+owns (run.stage, run.parent, run.result_dir). A finetune copies prune.method / layer_type / k
+from its prune run; a child must share its parent's dataset, arch and seed.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bip import identity
+from bip.config import FLAT_KEYS, SECTIONS, Config, build_config, read_yaml
+from bip.errors import BipError
+from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key, label,
+                             mapping, stages_of)
+
+__all__ = ["STAGES", "Plan", "Run", "load_grid", "find_file"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder of the plan; ``key`` is ``<run id>/seed_<s>`` under the root."""
+    stage: str
+    cfg: Config
+    key: str
+    parent: str | None
+    label: str  # the axis values of the first cell that needs this run
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    path: Path
+    root: Path
+    profile: str
+    resources: dict   # stage -> profile keys the grid overrides (validated by launch.profiles)
+    runs: dict        # stage -> [Run] in submission order, for every stage of the grid
+    cells: int
+
+    def all_runs(self) -> list[Run]:
+        return [run for stage in self.runs for run in self.runs[stage]]
+
+    def dir(self, run: Run | str) -> Path:
+        return self.root / (run if isinstance(run, str) else run.key)
+
+
+def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
+    """Read, validate and expand a grid; every error is a one-line BipError."""
+    path = Path(path)
+    if not path.is_file():
+        raise BipError(f"grid file not found: {path}")
+    doc = read_yaml(path)
+    check_keys(doc, GRID_KEYS, f"{path}")
+    name = str(doc.get("name") or path.stem)
+    where = f"grid {name}"
+    stages = stages_of(doc.get("stages"), where)
+    axes, groups = axes_of(doc, stages, where)
+    cells = [sum(combo, ()) for combo in itertools.product(*groups)]
+    root = Path(root if root is not None else doc.get("root") or "runs").expanduser().resolve()
+    common = mapping(doc.get("set"), f"{where}: set")
+    resources = {s: {**mapping(doc.get("resources"), f"{where}: resources"),
+                     **mapping(stages[s].get("resources"), f"{where}: stages.{s}.resources")}
+                 for s in stages}
+    runs = _expand(name, stages, cells, common, root, where)
+    return Plan(name=name, path=path, root=root, profile=str(doc.get("profile") or ""),
+                resources=resources, runs=runs, cells=len(cells))
+
+
+# -- expansion -------------------------------------------------------------------------------
+
+class _Bases:
+    """Base config per (stage, resolved config paths): files < grid set < stage set."""
+
+    def __init__(self, stages: dict, common: dict, where: str):
+        self.stages, self.common, self.where = stages, common, where
+        self.cache: dict = {}
+        self.common_keys = {k: dotted_key(str(k), f"{where}: set") for k in common}
+        for stage, spec in stages.items():
+            for k in mapping(spec.get("set"), f"{where}: stages.{stage}.set"):
+                dotted_key(str(k), f"{where}: stages.{stage}.set")
+
+    def get(self, stage: str, cell: tuple) -> tuple[Config, bool]:
+        """(base config, whether it names a layer type itself)."""
+        paths = tuple(self._path(template, stage, cell) for template in self.stages[stage]["configs"])
+        if (stage, paths) not in self.cache:
+            # A stand-in layer type lets a prune / finetune base validate before the axes (or
+            # the prune parent, for finetune) supply the real one.
+            items = [] if stage == "pretrain" else [("prune.layer_type", "unstructured", "launcher")]
+            for path in paths:
+                items += _flatten(read_yaml(path), str(path))
+            for key, value in self.common.items():
+                if stage != "pretrain" or not self.common_keys[key].startswith(("prune.", "bip.")):
+                    items.append((str(key), value, f"{self.where}: set"))
+            items += [(str(k), v, f"{self.where}: stages.{stage}.set")
+                      for k, v in mapping(self.stages[stage].get("set"), "").items()]
+            items.append(("run.stage", stage, "launcher"))  # validation depends on the stage
+            named = any(SHORT.get(k, FLAT_KEYS.get(k, k)) == "prune.layer_type"
+                        for k, _, origin in items if origin != "launcher")
+            try:
+                self.cache[stage, paths] = build_config(items), named
+            except BipError as err:
+                raise BipError(f"{self.where}: stage {stage} base config: {err}") from None
+        return self.cache[stage, paths]
+
+    def _path(self, template: str, stage: str, cell: tuple) -> Path:
+        values = {}
+        for key, value in {**self.common, **mapping(self.stages[stage].get("set"), "")}.items():
+            values[str(key)] = values[dotted_key(str(key), self.where)] = value
+        for axis, value in cell:
+            values[axis.name] = values[axis.name.split("@")[0]] = values[axis.dotted] = value
+        values.update({short: values[d] for short, d in SHORT.items() if d in values})
+
+        def fill(match):
+            if match.group(1) not in values:
+                raise BipError(f"{self.where}: stages.{stage}.configs: placeholder {match.group(0)} "
+                               "is not an axis or set key")
+            return str(values[match.group(1)])
+        return find_file(re.sub(r"\{([\w.@,]+)\}", fill, template))
+
+
+def find_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    for candidate in ([path] if path.is_absolute() else [path, REPO / path]):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise BipError(f"config file not found: {text} (looked in {Path.cwd()} and {REPO})")
+
+
+def _flatten(data: Any, origin: str) -> list[tuple[str, Any, str]]:
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise BipError(f"{origin}: expected a mapping of keys to values")
+    out = []
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out += [(f"{key}.{sub}", v, origin) for sub, v in value.items()]
+        else:
+            out.append((str(key), value, origin))
+    return out
+
+
+def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Path,
+            where: str) -> dict[str, list[Run]]:
+    bases = _Bases(stages, common, where)
+    runs: dict[str, dict[str, Run]] = {stage: {} for stage in stages}
+    leaf_owner: dict[str, str] = {}
+    launcher = {"run.result_dir": str(root)}
+    built: dict[tuple, tuple[Config, str]] = {}  # a shared pretrain is built once, not per cell
+    for cell in cells:
+        text = label(cell)
+        parent = None
+        for stage in stages:
+            if stage == "finetune" and parent.cfg.prune.method not in stages["finetune"]["methods"]:
+                continue
+            over = {axis.dotted: value for axis, value in cell if stage in axis.stages}
+            over.update(launcher, **{"run.stage": stage})
+            if parent is not None:
+                over.update({"run.parent": parent.key.split("/")[0], "run.source_net": ""})
+            if stage == "finetune":
+                over.update({f"prune.{k}": getattr(parent.cfg.prune, k)
+                             for k in ("method", "layer_type", "k")})
+            base, named = bases.get(stage, cell)
+            if stage == "prune" and not named and "prune.layer_type" not in over:
+                raise BipError(f"{where}: the prune stage needs prune.layer_type "
+                               "(in its configs, set or axes)")
+            if not base.run.exp_name:
+                over.setdefault("run.exp_name", name)  # a label only: not hashed
+            memo = (stage, id(base), tuple(sorted(over.items())))
+            if memo not in built:
+                try:
+                    cfg = base.replace(**over)
+                except BipError as err:
+                    raise BipError(f"{where}: {stage} of cell [{text}]: {err}") from None
+                built[memo] = cfg, f"{identity.run_id(cfg)}/seed_{cfg.run.seed}"
+            cfg, key = built[memo]
+            if stage == "prune" and parent is None and not cfg.run.source_net:
+                raise BipError(f"{where}: a prune stage without a pretrain stage needs run.source_net")
+            if parent is not None:
+                _check_lineage(parent, cfg, stage, text, where)
+            shared = stage == "pretrain" and len(stages) > 1
+            if not shared and key in leaf_owner:
+                raise BipError(f"{where}: duplicate cells [{leaf_owner[key]}] and [{text}] give the same "
+                               f"{stage} run {key} (fields that cannot change a result are not hashed)")
+            leaf_owner.setdefault(key, text)
+            run = runs[stage].get(key) or Run(stage, cfg, key, parent.key if parent else None,
+                                              label(cell, stage))
+            runs[stage].setdefault(key, run)
+            parent = run
+    return {stage: list(by_key.values()) for stage, by_key in runs.items()}
+
+
+def _check_lineage(parent: Run, cfg: Config, stage: str, text: str, where: str) -> None:
+    for dotted in LINEAGE:
+        section, key = dotted.split(".")
+        mine, theirs = getattr(getattr(cfg, section), key), getattr(getattr(parent.cfg, section), key)
+        if mine != theirs:
+            raise BipError(f"{where}: {stage} of cell [{text}] has {dotted}={mine} but its "
+                           f"{parent.stage} has {theirs}; set it in the grid's axes or set")
