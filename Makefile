@@ -19,8 +19,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 ffcv: venv
 	bash .ci/install-ffcv.sh $(VENV)
 
+# The whole pipeline on digits (offline): pretrain -> bip / hydra / omp at 4 keep ratios ->
+# finetune, on this machine; then the index, the plots and the summary table.
+DEMO_ROOT ?= demo-runs
 demo: venv
-	$(BIN)/python launch/demo.py
+	$(BIN)/python launch/grid.py configs/grids/demo.yml --local --root $(DEMO_ROOT)
+	$(BIN)/python launch/collect.py $(DEMO_ROOT) --plots
 
 test: venv
 	$(BIN)/python -m pytest -q tests

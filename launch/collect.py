@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.plots:
         print((args.root / SUMMARY).read_text(), end="")
+        print(f"plots: {args.out or args.root / 'plots'}")
     counts = {status: sum(row["status"] == status for row in rows) for status in STATUSES}
     print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
     print(index, flush=True)
