@@ -52,7 +52,7 @@ def test_nested_yaml_sections(tmp_path):
     (["lr_shedule=cosine"], "did you mean lr_schedule"),
     (["prune.k=1.5"], "prune.k=1.5 is out of range (0.0, 1.0]"),
     (["prune.k=0"], "out of range"),
-    (["train.epochs=2.5"], "train.epochs=2.5 is not a valid int"),
+    (["train.epochs=2.5"], "train.epochs='2.5' is not a valid int"),
     (["data.normalize=maybe"], "not a valid bool"),
     (["prune.method=bipp"], "prune.method='bipp' is not valid; choose one of: hydra, bip"),
     (["trainer=fancy"], "trainer='fancy' is not valid"),

@@ -24,12 +24,14 @@ pytestmark = pytest.mark.ffcv
 
 from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
 from bip.config import load_config  # noqa: E402
 from bip.data import IMAGENET_MEAN, IMAGENET_STD, ArraySplit, DatasetSpec, load_dataset  # noqa: E402
 from bip.data.ffcv import FfcvStream, build_ffcv_loaders, check_beton, main  # noqa: E402
+from bip.data.ffcv_ops import FullDecoder  # noqa: E402
 from bip.data.ffcv_write import _ArrayItems, _interrupt, source_split, write_beton  # noqa: E402
 from bip.data.loaders import build_loaders, split_indices  # noqa: E402
 from bip.errors import BipError  # noqa: E402
@@ -70,10 +72,9 @@ def imagenet_cfg(data, *extra):
                             "data.batch_size=8", "data.num_workers=1", *extra])
 
 
-def read_back(path):
+def read_back(path, decoder):
     loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    drop_last=False, pipelines={"image": [SimpleRGBImageDecoder()],
-                                                "label": [IntDecoder()]})
+                    drop_last=False, pipelines={"image": [decoder], "label": [IntDecoder()]})
     images, labels = zip(*[(x.copy(), y[:, 0].copy()) for x, y in loader])
     return np.concatenate(images), np.concatenate(labels)
 
@@ -81,8 +82,10 @@ def read_back(path):
 def test_written_files_hold_the_folder(data):
     folder = ImageFolder(str(data.folder / "train"))
     originals = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in folder.samples])
-    for path, tolerance in ((data.train, 0.0), (data.train_jpg, 3.0)):
-        images, labels = read_back(path)
+    # Raw pixels through ffcv's own decoder, JPEGs through ours.
+    for path, decoder, tolerance in ((data.train, SimpleRGBImageDecoder(), 0.0),
+                                     (data.train_jpg, FullDecoder(), 3.0)):
+        images, labels = read_back(path, decoder)
         assert len(images) == len(folder) == 30
         assert labels.tolist() == folder.targets
         error = np.abs(images.astype(np.int16) - originals).mean()
@@ -181,9 +184,12 @@ def _same(a, b):
 
 
 def test_imagenet_loaders_contract(data):
-    # Progressive resizing 16 -> 32 px over epochs 0 -> 1; evaluation at 32 px.
-    cfg = imagenet_cfg(data, "data.min_res=16", "data.end_ramp=1", "data.normalize=true").data
+    # Progressive resizing 16 -> 32 px over epochs 0 -> 1; evaluation at 32 px. The training
+    # file stores JPEGs, the evaluation file raw pixels: both decoding paths.
+    cfg = imagenet_cfg(data, "data.min_res=16", "data.end_ramp=1", "data.normalize=true",
+                       f"data.train_beton={data.train_jpg}").data
     spec = load_dataset(cfg)
+    torch_threads = torch.get_num_threads()
     loaders = build_ffcv_loaders(cfg, spec, seed=3, streams=2, rank=0, world=1, device=CPU)
     train_idx, val_idx = split_indices(30, cfg.val_fraction, cfg.split_seed)
     assert len(loaders.streams[0]) == len(train_idx) // 8 and loaders.input_shape == (3, 32, 32)
@@ -203,6 +209,7 @@ def test_imagenet_loaders_contract(data):
     again = build_ffcv_loaders(replace(cfg, num_workers=2), spec, seed=3, streams=1, rank=0,
                                world=1, device=CPU)
     assert _same(e1, _batches(again.streams[0], 1))
+    assert torch.get_num_threads() == torch_threads  # ffcv sets it to data.num_workers
 
 
 def test_progressive_resolution_schedule():
@@ -231,6 +238,15 @@ def test_small_pipeline_matches_the_tensor_loader(tmp_path):
         assert torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-5)
     x, y = next(ffcv.streams[0].epoch(0))
     assert x.shape == (16, 3, 32, 32) and len(ffcv.streams[0]) == len(tensor.streams[0])
+    # Each training image is a training image shifted by up to 4 px (black fill), maybe flipped.
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (spec.mean, spec.std))
+    pixels = (x * std + mean).round().to(torch.uint8)
+    padded = torch.nn.functional.pad(spec.train.images, (4, 4, 4, 4))
+    shifts = torch.stack([padded[..., dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)], 1)
+    candidates = torch.cat([shifts, shifts.flip(-1)], 1).flatten(0, 1)
+    for image, label in zip(pixels, y):
+        match = (candidates == image).flatten(1).all(1).view(len(padded), -1).any(1)
+        assert match.any() and (spec.train.labels[match] == label).all()
 
 
 def _rank(rank, world, tmp, spec_args):
@@ -257,14 +273,30 @@ def _id_spec(train_path, test_path):
     return cfg, DatasetSpec(40, train, test, IMAGENET_MEAN, IMAGENET_STD, "imagenet", 16)
 
 
+def _numba_layer():
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel code has run in this process yet
+        return None
+
+
 def test_two_ranks_cover_every_sample_once(tmp_path):
     paths = (str(tmp_path / "train.beton"), str(tmp_path / "test.beton"))
     cfg, spec = _id_spec(*paths)
     for split, path in ((spec.train, paths[0]), (spec.test, paths[1])):
         write_beton(_ArrayItems(split), path, workers=1, progress=False)
-    # fork: the ranks inherit the imported ffcv instead of importing it again (seconds each).
-    torch.multiprocessing.start_processes(_rank, args=(2, str(tmp_path), paths), nprocs=2,
-                                          start_method="fork")
+    # fork: the ranks inherit the imported ffcv instead of importing it again (seconds each);
+    # numba's GNU OpenMP layer, once started, does not survive a fork (tbb does).
+    context = torch.multiprocessing.start_processes(
+        _rank, args=(2, str(tmp_path), paths), nprocs=2, join=False,
+        start_method="spawn" if _numba_layer() == "omp" else "fork")
+    deadline = time.time() + 180
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish within 3 minutes")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     train_idx, val_idx = split_indices(40, 0.2, 0)
     assert ranks[0]["steps"] == ranks[1]["steps"] == 32 // 2 // 4
@@ -303,3 +335,24 @@ def test_without_ffcv_the_error_is_one_line(data, monkeypatch, capsys):
     assert main(["write", "--dataset", "ImageNet", "--split", "train", "--data-dir", "x",
                  "--out", "y"]) == 2
     assert "pip install -e '.[ffcv]'" in capsys.readouterr().err
+
+
+class _Boom(Operation):
+    """A pipeline stage that fails, as a bug in an operation would."""
+
+    def generate_code(self):
+        def boom(labels, _):
+            raise RuntimeError("boom")
+        return boom
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=False), None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_pipeline_error_raises_instead_of_hanging(data):
+    from bip.data.ffcv import _iterate
+    loader = Loader(str(data.val), batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines={"image": None, "label": [IntDecoder(), _Boom()]})
+    with pytest.raises(BipError, match="thread stopped"):
+        list(_iterate(loader))

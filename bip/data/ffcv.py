@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -54,6 +55,7 @@ def build_ffcv_loaders(cfg, spec: DatasetSpec, *, seed: int, streams: int, rank:
                        device: torch.device) -> Loaders:
     """Loaders over ``cfg.train_beton`` / ``cfg.val_beton`` with the contract of build_loaders."""
     require_ffcv()
+    torch_threads = torch.get_num_threads()  # ffcv's Loader sets it to its own thread count
     if world > 1 and not (torch.distributed.is_initialized() and torch.distributed.get_rank() == rank):
         raise BipError("data.loader=ffcv with several processes needs torch.distributed "
                        "initialised (launch with accelerate or torchrun)")
@@ -79,6 +81,7 @@ def build_ffcv_loaders(cfg, spec: DatasetSpec, *, seed: int, streams: int, rank:
                    eval_ops + tail, finish, device) if len(val_idx) else None
     test_fn = _eval(cfg.val_beton, np.arange(len(test_file.metadata))[rank::world],
                     cfg.test_batch_size, workers, eval_ops + tail, finish, device)
+    torch.set_num_threads(torch_threads)
     return Loaders(made, val_fn, test_fn, spec.num_classes, shape, len(val_idx),
                    len(test_file.metadata))
 
@@ -88,10 +91,9 @@ class FfcvStream:
 
     def __init__(self, cfg, style: str, size: int, indices: np.ndarray, workers: int, tail: list,
                  finish: Callable, seed: int, stream: int, world: int, device: torch.device):
-        from ffcv.fields.decoders import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
 
-        from bip.data.ffcv_ops import CropDecoder, EpochKey, SeededFlip, SeededPadCrop
+        from bip.data.ffcv_ops import CropDecoder, EpochKey, FullDecoder, SeededFlip, SeededPadCrop
         self.cfg, self.size, self.seed, self.stream, self.finish = cfg, size, seed, stream, finish
         self.key, self.decoder = EpochKey(), None
         if style == "imagenet" and cfg.augment:
@@ -100,8 +102,8 @@ class FfcvStream:
         elif style == "imagenet":
             ops = _eval_ops(style, size)
         else:
-            ops = [SimpleRGBImageDecoder()] + ([SeededPadCrop(self.key), SeededFlip(self.key)]
-                                               if cfg.augment else [])
+            augment = [SeededPadCrop(self.key), SeededFlip(self.key)] if cfg.augment else []
+            ops = [FullDecoder()] + augment
         # distributed=True: ffcv shards each epoch's permutation over the ranks (needs the
         # process group); the order is seeded per stream, ffcv adds the epoch.
         self.loader = Loader(cfg.train_beton, cfg.batch_size, num_workers=workers, os_cache=True,
@@ -132,12 +134,35 @@ class FfcvStream:
             res = self.resolution(epoch)
             self.decoder.output_size = (res, res)
         self.loader.next_epoch = epoch  # ffcv seeds the order with seed + next_epoch
-        batches = iter(self.loader)
-        try:
+        with closing(_iterate(self.loader)) as batches:  # stops ffcv's thread on an early exit
             for x, y in batches:
                 yield self.finish(x), y
-        finally:
-            batches.close()  # stops ffcv's thread when the trainer stops early
+
+
+def _iterate(loader) -> Iterator:
+    """Iterate an ffcv Loader. A pipeline error kills ffcv's thread (its traceback is printed)
+    and its iterator then waits forever; this raises instead. ffcv also sets torch's CPU
+    thread count to its own (in __iter__ and again in its thread): put it back once the first
+    batch shows that its thread has started."""
+    torch_threads = torch.get_num_threads()
+    batches = iter(loader)
+    queue = batches.output_queue
+    try:
+        while True:
+            with queue.not_empty:  # queue.qsize() would take this same lock again
+                while not queue._qsize():
+                    if not batches.is_alive():
+                        raise BipError("the ffcv loader's thread stopped on an error (printed above)")
+                    queue.not_empty.wait(0.5)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            torch.set_num_threads(torch_threads)
+            yield batch
+    finally:
+        batches.close()
+        torch.set_num_threads(torch_threads)
 
 
 def _eval(path: str, indices: np.ndarray, batch_size: int, workers: int, image_ops: list,
@@ -152,18 +177,17 @@ def _eval(path: str, indices: np.ndarray, batch_size: int, workers: int, image_o
                     pipelines={"image": image_ops, "label": _label_ops(device)})
 
     def batches() -> Iterator[Batch]:
-        for x, y in loader:
-            yield finish(x), y
+        with closing(_iterate(loader)) as items:
+            for x, y in items:
+                yield finish(x), y
     return batches
 
 
 def _eval_ops(style: str, size: int) -> list:
-    from ffcv.fields.decoders import SimpleRGBImageDecoder
-
-    from bip.data.ffcv_ops import CropDecoder
+    from bip.data.ffcv_ops import CropDecoder, FullDecoder
     if style == "imagenet":
         return [CropDecoder((size, size), center_ratio=EVAL_CROP_RATIO)]
-    return [SimpleRGBImageDecoder()]
+    return [FullDecoder()]
 
 
 def _tail(mean, std, device: torch.device) -> tuple[list, Callable]:

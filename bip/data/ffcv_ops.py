@@ -12,8 +12,8 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
-from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.libffcv import ctypes_imdecode, ctypes_memcopy, ctypes_resize
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -94,10 +94,22 @@ def random_crop(height, width, scale, log_ratio, key):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-# Compiled once per process and shared by every loader: a dispatcher that ffcv compiles per
-# loader (Compiler.compile(imdecode)) costs seconds, and numba's finalizer of one compiled
-# with literal arguments raises a KeyError (printed, harmless) when the loader is freed.
-_imdecode, _resize_crop = njit(imdecode), njit(resize_crop)
+# The helpers shared by all loaders take only scalars (pointers, sizes): ffcv's
+# OSCacheManager.state_type sets mutable=False on numba's interned uint8[::1] type, which
+# changes the hash of any compiled signature holding a writable 1-D uint8 array; the next
+# compile against such a signature (or numba's finalizer) then fails with a KeyError.
+
+@njit
+def decode_jpeg(data_ptr, size, buffer_ptr, height, width):
+    """Decode a whole JPEG into buffer_ptr (libffcv's imdecode: no crop, no scaling)."""
+    ctypes_imdecode(data_ptr, size, height, width, buffer_ptr, height, width, 0, 0, 1, 1, False, False)
+
+
+@njit
+def resize_crop(source_ptr, height, width, top, bottom, left, right, out_ptr, out_height, out_width):
+    """Resize the region [top:bottom, left:right] of an HWC image (libffcv's, with OpenCV)."""
+    ctypes_resize(0, source_ptr, height, width, top, bottom, left, right, out_ptr, out_height,
+                  out_width)
 
 
 @njit
@@ -125,7 +137,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
         # ffcv's ResizedCropRGBImageDecoder.generate_code, with the crop drawn from the key.
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         jpg, keyed = IMAGE_MODES["jpg"], self.key is not None
-        address = self.key.address if keyed else _NO_KEY.address
+        address = (self.key or _NO_KEY).address
         center_ratio = float(self.center_ratio)
         scale, log_ratio = np.array(self.scale, dtype=np.float64), np.log(np.array(self.ratio))
 
@@ -136,24 +148,51 @@ class CropDecoder(ResizedCropRGBImageDecoder):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
                 image_data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                height, width = int(field["height"]), int(field["width"])
+                source = image_data.ctypes.data
                 if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    _imdecode(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
-                              False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
+                    source = temp_storage[dst_ix].ctypes.data
+                    decode_jpeg(image_data.ctypes.data, image_data.size, source, height, width)
                 if keyed:
-                    top, left, h, w = random_crop(int(height), int(width), scale, log_ratio,
+                    top, left, h, w = random_crop(height, width, scale, log_ratio,
                                                   sample_key(epoch_key, source_ix, CROP_SALT))
                 else:
-                    top, left, h, w = center_crop(int(height), int(width), center_ratio)
-                _resize_crop(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
+                    top, left, h, w = center_crop(height, width, center_ratio)
+                out = destination[dst_ix]
+                resize_crop(source, height, width, top, top + h, left, left + w, out.ctypes.data,
+                            out.shape[0], out.shape[1])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
+
+
+class FullDecoder(SimpleRGBImageDecoder):
+    """The whole image, for files whose images all have one size (ffcv's
+    SimpleRGBImageDecoder, through the shared helpers)."""
+
+    def generate_code(self) -> Callable:
+        mem_read, my_range, jpg = self.memory_read, Compiler.get_iterator(), IMAGE_MODES["jpg"]
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                out = destination[dst_ix]
+                if field["mode"] == jpg:
+                    decode_jpeg(image_data.ctypes.data, image_data.size, out.ctypes.data,
+                                int(field["height"]), int(field["width"]))
+                else:
+                    copy_bytes(image_data.ctypes.data, out.ctypes.data, image_data.size)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+@njit
+def copy_bytes(source_ptr, out_ptr, size):
+    ctypes_memcopy(source_ptr, out_ptr, size)
 
 
 class _KeyedImageOp(Operation):

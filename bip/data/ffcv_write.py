@@ -159,9 +159,14 @@ def _check_alive(procs) -> None:
         raise BipError(f"a writer process exited with status {failed[0]} (its error is printed above)")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise BipError(f"{self.prog}: {message}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bip.data.ffcv", description="Write .beton files "
-                                "for data.loader=ffcv (data.train_beton, data.val_beton).")
+    p = _Parser(prog="python -m bip.data.ffcv", description="Write .beton files for "
+                "data.loader=ffcv (data.train_beton, data.val_beton).")
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write one split of a dataset to a .beton file")
     w.add_argument("--dataset", required=True, help="ImageNet, CIFAR10, CIFAR100, TinyImageNet, ...")
@@ -184,10 +189,10 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     # SIGTERM (Slurm, kill) unwinds like Ctrl-C, so the temporary file is removed.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        args = _parser().parse_args(argv)
         items, style = source_split(args.dataset, args.split, args.data_dir)
         max_res, fraction, quality = DEFAULTS[style]
         out = write_beton(
@@ -202,5 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {len(items)} images to {out}", file=sys.stderr)
     return 0

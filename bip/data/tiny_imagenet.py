@@ -32,7 +32,7 @@ def _decode(paths: list[Path], workers: int) -> torch.Tensor:
     def one(path: Path) -> torch.Tensor:
         try:
             with Image.open(path) as image:
-                return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
         except OSError as err:
             raise BipError(f"cannot decode {path}: {err}") from None
     with ThreadPoolExecutor(max(1, workers)) as pool:
