@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bip import checkpoint, identity, masking
 from bip.config import Config, config_from_argv
-from bip.data import load_dataset
+from bip.data import describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
 from bip.errors import BipError
 from bip.export import count_params_and_macs
@@ -58,7 +58,8 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
     source = source_path(cfg, Path(cfg.run.result_dir))
     resume_path = Path(cfg.run.resume) if cfg.run.resume else run_dir / identity.CHECKPOINT
     resuming = resume_path.is_file() or bool(cfg.run.resume)
-    spec = load_dataset(cfg.data, cfg.model.num_classes)
+    # ffcv brings its own images: only the dataset's description is needed (no raw files).
+    spec = (describe_dataset if cfg.data.loader == "ffcv" else load_dataset)(cfg.data, cfg.model.num_classes)
     # On the device before any aliasing (reference BiP) or optimizer references are made.
     model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type).to(accelerator.device)
     if source is not None:

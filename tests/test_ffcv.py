@@ -315,8 +315,10 @@ def test_pretrain_and_bip_prune_epochs_run_on_ffcv(data, tmp_path):
     common = ["model.arch=resnet20s", "train.epochs=1", "optim.lr=0.01"]
     pre = train(imagenet_cfg(data, *common, "run.stage=pretrain"), tmp_path / "pretrain")
     assert pre["epochs"] == 1 and 0 <= pre["test_acc"] <= 100
-    # BiP reads two streams at once, here each decoded by two threads.
-    cfg = imagenet_cfg(data, *common, "data.num_workers=2", "run.stage=prune",
+    # BiP reads two streams at once, here each decoded by two threads. The .beton files are all
+    # it needs: no raw image folder on the node.
+    cfg = imagenet_cfg(data, *common, "data.num_workers=2", "data.data_dir=/nonexistent-raw-images",
+                       "run.stage=prune",
                        "prune.layer_type=unstructured", "prune.k=0.5", "prune.method=bip",
                        f"run.source_net={tmp_path / 'pretrain' / 'checkpoint.pt'}")
     result = train(cfg, tmp_path / "prune")

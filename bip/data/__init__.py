@@ -39,8 +39,8 @@ Split = Union[ArraySplit, Dataset]  # a Dataset yields (PIL image, int label)
 @dataclass(frozen=True)
 class DatasetSpec:
     num_classes: int
-    train: Split
-    test: Split
+    train: Split | None  # None: described only (describe_dataset), no images read
+    test: Split | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     style: str = "small"      # small: pad-4 crop + flip | imagenet: random-resized crop + flip
@@ -48,23 +48,39 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, Callable[..., DatasetSpec]] = {}
+DESCRIPTIONS: dict[str, Callable[..., DatasetSpec]] = {}
 
 
-def register_dataset(name: str):
+def register_dataset(name: str, describe: Callable[..., DatasetSpec] | None = None):
+    """Register a reader ``fn(cfg, num_classes) -> DatasetSpec``; ``describe`` (same signature,
+    no splits) answers without reading images, for loaders that bring their own (ffcv)."""
     def wrap(fn):
         DATASETS[name] = fn
+        if describe is not None:
+            DESCRIPTIONS[name] = describe
         return fn
     return wrap
 
 
-def load_dataset(cfg, num_classes: int = 0) -> DatasetSpec:
-    """The dataset named by ``cfg.dataset`` (``num_classes`` only shapes ``synthetic``)."""
+def _checked(cfg, num_classes: int, make) -> DatasetSpec:
     if cfg.dataset not in DATASETS:
         raise BipError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
-    spec = DATASETS[cfg.dataset](cfg, num_classes)
+    spec = make(cfg, num_classes)
     if num_classes and num_classes != spec.num_classes:
         raise BipError(f"model.num_classes={num_classes} but {cfg.dataset} has {spec.num_classes} classes")
     return spec
+
+
+def load_dataset(cfg, num_classes: int = 0) -> DatasetSpec:
+    """The dataset named by ``cfg.dataset`` (``num_classes`` only shapes ``synthetic``)."""
+    return _checked(cfg, num_classes, lambda c, n: DATASETS[c.dataset](c, n))
+
+
+def describe_dataset(cfg, num_classes: int = 0) -> DatasetSpec:
+    """Classes, mean/std, augmentation style and size without reading any image (splits are
+    None): with data.loader=ffcv the node needs only the .beton files. Datasets without a
+    description are small and simply loaded."""
+    return _checked(cfg, num_classes, lambda c, n: DESCRIPTIONS.get(c.dataset, DATASETS[c.dataset])(c, n))
 
 
 # The readers register themselves on import; this list is the whole catalogue.

@@ -58,5 +58,10 @@ def _imagenet(cfg, num_classes: int = 0) -> DatasetSpec:
                        image_size=cfg.image_size or 224)
 
 
-register_dataset("ImageNet")(_imagenet)
-register_dataset("ImageNetOrigin")(_imagenet)  # the seed's name for the ImageFolder layout
+def _describe(cfg, num_classes: int = 0) -> DatasetSpec:
+    return DatasetSpec(num_classes or 1000, None, None, IMAGENET_MEAN, IMAGENET_STD,
+                       style="imagenet", image_size=cfg.image_size or 224)
+
+
+register_dataset("ImageNet", _describe)(_imagenet)
+register_dataset("ImageNetOrigin", _describe)(_imagenet)  # the seed's name for the ImageFolder layout

@@ -39,7 +39,11 @@ def _decode(paths: list[Path], workers: int) -> torch.Tensor:
         return torch.stack(list(pool.map(one, paths, chunksize=256)))
 
 
-@register_dataset("TinyImageNet")
+def _describe(cfg, num_classes: int = 0) -> DatasetSpec:
+    return DatasetSpec(200, None, None, IMAGENET_MEAN, IMAGENET_STD, image_size=64)
+
+
+@register_dataset("TinyImageNet", _describe)
 def tiny_imagenet(cfg, num_classes: int = 0) -> DatasetSpec:
     root = _folder(cfg.data_dir)
     wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
