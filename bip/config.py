@@ -101,7 +101,7 @@ class BipConfig:
     variant: str = "paper"          # paper: the paper's update | reference: the released code's
     alpha: float = 0.01             # paper: lower-level (weight) lr
     beta: float = 0.1               # paper: upper-level (score) lr
-    gamma: float = 1.0              # paper: implicit-gradient scale 1/gamma (0 = no IG term)
+    gamma: float = 1.0              # paper: IG term scale 1/gamma (inf = no IG term; README)
     lower_wd: float = 1e-4          # paper: the lower problem's ridge, as SGD weight decay
     upper_wd: float = 0.0           # paper: weight decay on the scores
     momentum: float = 0.9           # paper: SGD momentum at both levels
@@ -112,8 +112,8 @@ class BipConfig:
     def __post_init__(self):
         _check_choice("bip.variant", self.variant, ("paper", "reference"))
         _check_choice("bip.mask_lr_schedule", self.mask_lr_schedule, ("cosine", "step"))
-        if self.gamma < 0:
-            raise BipError(f"bip.gamma must be >= 0 (0 disables the IG term), got {self.gamma}")
+        if not self.gamma > 0:
+            raise BipError(f"bip.gamma must be > 0 (inf drops the implicit-gradient term), got {self.gamma}")
 
 
 @dataclass(frozen=True)

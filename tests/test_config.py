@@ -59,6 +59,7 @@ def test_nested_yaml_sections(tmp_path):
     (["prune.layer_type=unstructured"], "pretrain trains a dense model"),
     (["run.stage=prune"], "needs a pruned layer type"),
     (["noequals"], "expected section.key=value"),
+    (["bip.gamma=0"], "bip.gamma must be > 0 (inf drops"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(BipError) as err:
