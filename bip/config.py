@@ -366,13 +366,15 @@ def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] 
 # ------------------------------------------------------------------------------------------
 # Command line of `python -m bip.train`: the seed README's flags + key=value.
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a BipError (one line, exit 2), not a usage dump."""
+
+    def error(self, message):
         raise BipError(f"{self.prog}: {message}")
 
 
 def argument_parser(prog: str = "bip-train") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Pretrain, prune (BiP, HYDRA, OMP, IMP, random) or "
+    p = OneLineParser(prog=prog, description="Pretrain, prune (BiP, HYDRA, OMP, IMP, random) or "
                 "finetune one model. Flags of the original BiP README; any other field as "
                 "section.key=value (e.g. bip.gamma=10 optim.wd=1e-4).")
     p.add_argument("--configs", action="append", default=[], metavar="YAML",

@@ -55,7 +55,6 @@ _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction
 )
 _CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
 _STAGE_ORDER = {"pretrain": 0, "prune": 1, "finetune": 2}
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def collect(root: Path, plots: bool = False, out: Path | None = None) -> Path:
@@ -155,7 +154,7 @@ def _read_config(folder: str, names: set[str]) -> tuple[dict | None, str | None]
         doc = json.loads(data)
     except ValueError:
         try:
-            doc = yaml.load(data, Loader=_Loader)
+            doc = yaml.safe_load(data)
         except yaml.YAMLError:
             return None, f"{CONFIG} is not valid YAML"
     if not (isinstance(doc, dict) and all(key in doc for key in _CONFIG_KEYS)

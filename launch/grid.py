@@ -20,17 +20,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/grid.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bip.config import OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
 from launch import profiles, state, submit, sweep  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise BipError(f"{self.prog}: {message}")
-
-
 def argument_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="grid.py", description="Run a grid of bip runs (pretrain -> prune -> finetune) "
+    p = OneLineParser(prog="grid.py", description="Run a grid of bip runs (pretrain -> prune -> finetune) "
                 "on Slurm (default), this machine (--local) or in this process (--debug).")
     p.add_argument("grid", help="grid file, e.g. configs/grids/demo.yml")
     p.add_argument("--root", help="run root (default: the grid's root:, else ./runs)")

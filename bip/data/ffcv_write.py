@@ -27,6 +27,7 @@ from ffcv.writer import DatasetWriter
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from bip.config import OneLineParser
 from bip.data import ArraySplit, DATASETS, load_dataset
 from bip.errors import BipError
 
@@ -159,13 +160,8 @@ def _check_alive(procs) -> None:
         raise BipError(f"a writer process exited with status {failed[0]} (its error is printed above)")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise BipError(f"{self.prog}: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bip.data.ffcv", description="Write .beton files for "
+    p = OneLineParser(prog="python -m bip.data.ffcv", description="Write .beton files for "
                 "data.loader=ffcv (data.train_beton, data.val_beton).")
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write one split of a dataset to a .beton file")
