@@ -302,7 +302,7 @@ _FIELD_TYPES = {f"{s}.{f.name}": {"int": int, "float": float, "bool": bool, "str
                 for s, cls in SECTIONS.items() for f in fields(cls)}
 
 
-def _flatten_yaml(data: Any, origin: str) -> list[tuple[str, Any, str]]:
+def flatten_yaml(data: Any, origin: str) -> list[tuple[str, Any, str]]:
     """YAML mapping -> (dotted key, value, origin) in file order; nested sections allowed."""
     if data is None:
         return []
@@ -352,7 +352,7 @@ def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] 
     """YAML files, then seed-style ``flags`` (flat keys), then ``section.key=value`` strings."""
     items: list[tuple[str, Any, str]] = []
     for path in yaml_files:
-        items += _flatten_yaml(read_yaml(path), str(path))
+        items += flatten_yaml(read_yaml(path), str(path))
     items += [(key, value, "flag") for key, value in (flags or {}).items()]
     for text in overrides:
         key, sep, value = text.partition("=")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bip import identity
-from bip.config import FLAT_KEYS, SECTIONS, Config, build_config, read_yaml
+from bip.config import FLAT_KEYS, SECTIONS, Config, build_config, flatten_yaml, read_yaml
 from bip.errors import BipError
 from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key, label,
                              mapping, stages_of)
@@ -96,7 +96,7 @@ class _Bases:
             # the prune parent, for finetune) supply the real one.
             items = [] if stage == "pretrain" else [("prune.layer_type", "unstructured", "launcher")]
             for path in paths:
-                items += _flatten(read_yaml(path), str(path))
+                items += flatten_yaml(read_yaml(path), str(path))
             for key, value in self.common.items():
                 if stage != "pretrain" or not self.common_keys[key].startswith(("prune.", "bip.")):
                     items.append((str(key), value, f"{self.where}: set"))
@@ -133,20 +133,6 @@ def find_file(text: str) -> Path:
         if candidate.is_file():
             return candidate.resolve()
     raise BipError(f"config file not found: {text} (looked in {Path.cwd()} and {REPO})")
-
-
-def _flatten(data: Any, origin: str) -> list[tuple[str, Any, str]]:
-    if data is None:
-        return []
-    if not isinstance(data, dict):
-        raise BipError(f"{origin}: expected a mapping of keys to values")
-    out = []
-    for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
-            out += [(f"{key}.{sub}", v, origin) for sub, v in value.items()]
-        else:
-            out.append((str(key), value, origin))
-    return out
 
 
 def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Path,
