@@ -13,10 +13,9 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bip import identity
-from bip.config import FLAT_KEYS, SECTIONS, Config, build_config, flatten_yaml, read_yaml
+from bip.config import FLAT_KEYS, Config, build_config, flatten_yaml, read_yaml
 from bip.errors import BipError
 from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key, label,
                              mapping, stages_of)
