@@ -29,8 +29,8 @@ def distributed() -> bool:
 class GReducer:
     """Collects (layer, g) from the masked layers' backward; ``finish`` sets scores.grad."""
 
-    def __init__(self, ig_coeff: float, bucket_bytes: int = BUCKET_BYTES):
-        self.ig_coeff, self.bucket_bytes = ig_coeff, bucket_bytes
+    def __init__(self, ig_coeff: float, bucket_bytes: int | None = None):
+        self.ig_coeff, self.bucket_bytes = ig_coeff, bucket_bytes or BUCKET_BYTES
         self.world = dist.get_world_size()
         self.bucket: list[tuple] = []
         self.bytes = 0

@@ -28,6 +28,7 @@ _NOT_HASHED = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "data.train_beton",
     "data.val_beton", "run.seed", "run.exp_name", "run.result_dir", "run.resume",
     "run.print_freq", "run.source_net",
+    "prune.on_collapse",  # stops a run or not; never changes what a finished run computed
 }
 _PAPER_ONLY = {"bip.alpha", "bip.beta", "bip.gamma", "bip.lower_wd", "bip.upper_wd", "bip.momentum"}
 _REFERENCE_ONLY = {"bip.lr2", "bip.mask_lr", "bip.mask_lr_schedule"}

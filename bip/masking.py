@@ -83,8 +83,14 @@ class Plan:
         self.structured = [m for _, m in pruned if m.granularity in ("filter", "channel")]
         self.nm = [m for _, m in pruned if m.granularity == "nm"]
         self.elementwise = self.unstructured + self.nm   # |scores| go into one flat buffer
+        # Each layer's keys fill a segment padded to a multiple of topk.CHUNK (the radix select
+        # views them as chunks); padding holds topk.PAD, which ranks last and is never kept.
         self.sizes = [m.mask.numel() for m in self.elementwise]
-        self.floors = [floor_count(options.min_layer_keep, m.mask.numel()) for m in self.unstructured]
+        self.segments = [topk.padded(n) for n in self.sizes]
+        u = len(self.unstructured)
+        self.n_unstructured = sum(self.sizes[:u])
+        self.unstructured_span = sum(self.segments[:u])
+        self.floors = [floor_count(options.min_layer_keep, n) for n in self.sizes[:u]]
         self._ws: tuple | None = None
 
     def workspace(self) -> tuple[torch.Tensor, torch.Tensor, topk.TopK]:
@@ -92,10 +98,11 @@ class Plan:
         s = self.elementwise[0].scores
         dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
         if self._ws is None or self._ws[0].device != s.device or self._ws[0].dtype != dtype:
-            n = sum(self.sizes)
-            self._ws = (torch.empty(n, dtype=dtype, device=s.device),
-                        torch.empty(n, dtype=torch.bool, device=s.device),
-                        topk.TopK(max(self.sizes) if self.options.scope == "layer" else n, dtype, s.device))
+            n = sum(self.segments)
+            capacity = max(self.segments) if self.options.scope == "layer" else self.unstructured_span
+            self._ws = (torch.full((n,), topk.PAD, dtype=dtype, device=s.device),
+                        torch.zeros(n, dtype=torch.bool, device=s.device),
+                        topk.TopK(capacity, dtype, s.device))
         return self._ws
 
     @torch.no_grad()
@@ -107,26 +114,26 @@ class Plan:
 
     def _refresh_elementwise(self, k: float, rule: str) -> None:
         flat, keep, sel = self.workspace()
-        for m, part in zip(self.elementwise, flat.split(self.sizes)):
-            torch.abs(m.scores.detach().reshape(-1), out=part)
+        keys, kept = flat.split(self.segments), keep.split(self.segments)
+        for m, key, n in zip(self.elementwise, keys, self.sizes):
+            torch.abs(m.scores.detach().reshape(-1), out=key[:n])
         topk.rank_keys_(flat)
-        keys, kept = flat.split(self.sizes), keep.split(self.sizes)
         u = len(self.unstructured)
-        if self.unstructured:
-            self._select_unstructured(k, rule, keys[:u], kept[:u], flat[:sum(self.sizes[:u])],
-                                      keep[:sum(self.sizes[:u])], sel)
-        for m, key, out in zip(self.nm, keys[u:], kept[u:]):
-            n, group = m.nm
-            topk.nm_keep(_nm_view(key.view_as(m.mask), group), n, _nm_view(out.view_as(m.mask), group))
-        for m, part in zip(self.elementwise, kept):
-            m.mask.copy_(part.view_as(m.mask))
+        if u:
+            self._select_unstructured(k, rule, keys[:u], kept[:u], sel)
+        for m, key, out, n in zip(self.nm, keys[u:], kept[u:], self.sizes[u:]):
+            group = m.nm[1]
+            topk.nm_keep(_nm_view(key[:n].view_as(m.mask), group), m.nm[0],
+                         _nm_view(out[:n].view_as(m.mask), group))
+        for m, out, n in zip(self.elementwise, kept, self.sizes):
+            m.mask.copy_(out[:n].view_as(m.mask))
 
-    def _select_unstructured(self, k, rule, keys, kept, all_keys, all_kept, sel) -> None:
+    def _select_unstructured(self, k, rule, keys, kept, sel) -> None:
         if self.options.scope == "layer":
-            for key, out in zip(keys, kept):
-                sel.select(key, keep_count(k, key.numel(), rule), out)
+            for key, out, n in zip(keys, kept, self.sizes):
+                sel.select(key, keep_count(k, n, rule), out)
             return
-        budget = keep_count(k, all_keys.numel(), rule)
+        budget = keep_count(k, self.n_unstructured, rule)
         if any(self.floors):
             if sum(self.floors) > budget:
                 raise BipError(f"prune.min_layer_keep={self.options.min_layer_keep} keeps "
@@ -136,11 +143,13 @@ class Plan:
             for key, out, f in zip(keys, kept, self.floors):
                 if f:
                     key.masked_fill_(sel.select(key, f, out), math.inf)
-        sel.select(all_keys, budget, all_kept)
+        span = self.unstructured_span
+        flat, keep, _ = self.workspace()
+        sel.select(flat[:span], budget, keep[:span])
 
     def _refresh_structured(self, k: float, rule: str) -> None:
         norms = [_unit_norms(m) for m in self.structured]
-        keys = topk.rank_keys_(nn.utils.rnn.pad_sequence(norms, batch_first=True, padding_value=-2.0))
+        keys = topk.rank_keys_(nn.utils.rnn.pad_sequence(norms, batch_first=True, padding_value=topk.PAD))
         n_keep = torch.tensor([keep_count(k, v.numel(), rule) for v in norms], device=keys.device)
         kept = topk.top_rows(keys, n_keep)
         for i, (m, v) in enumerate(zip(self.structured, norms)):
@@ -205,7 +214,7 @@ def configure(model: nn.Module, prune) -> Plan:
         if not m.is_pruned:
             m.mask.fill_(True)
     p = _PLANS[model] = Plan(model, options)
-    budget = keep_count(prune.k, sum(m.mask.numel() for m in p.unstructured))
+    budget = keep_count(prune.k, p.n_unstructured)
     if options.scope == "global" and sum(p.floors) > budget:
         raise BipError(f"prune.min_layer_keep={options.min_layer_keep} keeps {sum(p.floors)} weights, "
                        f"more than the budget round(k * N) = {budget} at k={prune.k}")

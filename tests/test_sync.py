@@ -14,7 +14,7 @@ PRUNED = ["unstructured", "filter", "channel", "nm"]
 STEPPED = ["finetune", "hydra", "bip", "bip-reference"]
 
 
-def _cfg(method: str, layer_type: str):
+def _cfg(method: str, layer_type: str, extra=()):
     if method == "dense":
         return load_config([], ["run.stage=pretrain", "train.epochs=2"])
     if method == "finetune":
@@ -23,7 +23,7 @@ def _cfg(method: str, layer_type: str):
     name, _, variant = method.partition("-")
     return load_config([], ["run.stage=prune", f"prune.layer_type={layer_type}", f"prune.method={name}",
                             f"bip.variant={variant or 'paper'}", "prune.score_init=magnitude",
-                            "train.epochs=2", *([] if layer_type == "nm" else ["prune.k=0.3"])])
+                            "train.epochs=2", *([] if layer_type == "nm" else ["prune.k=0.3"]), *extra])
 
 
 def _batches(n: int):
@@ -32,11 +32,11 @@ def _batches(n: int):
             for _ in range(n)]
 
 
-def syncs_per_step(method: str, layer_type: str) -> list[tuple[str, str]]:
+def syncs_per_step(method: str, layer_type: str, extra=()) -> list[tuple[str, str]]:
     """Host syncs recorded during one step (for one-shot methods: during their setup, which
     computes the mask), after one warm-up step."""
     torch.manual_seed(0)
-    cfg = _cfg(method, layer_type)
+    cfg = _cfg(method, layer_type, extra)
     model = create_model("resnet20s", 10, "dense" if method == "dense" else layer_type)
     if method in ("omp", "random"):
         with SyncRecorder() as rec:
@@ -61,3 +61,12 @@ def test_dense_pretrain_step_is_sync_free():
 def test_step_is_sync_free(method, layer_type):
     events = syncs_per_step(method, layer_type)
     assert events == [], f"{len(events)} host syncs: " + "; ".join(f"{op} at {where}" for op, where in events[:6])
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("hydra", ["prune.scope=layer"]),
+    ("bip", ["prune.min_layer_keep=0.01", "prune.skip=first,classifier"]),
+    ("bip-reference", ["prune.min_layer_keep=2"]),
+])
+def test_budget_options_are_sync_free(method, extra):
+    assert syncs_per_step(method, "unstructured", extra) == []

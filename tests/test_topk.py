@@ -31,44 +31,50 @@ def patterns(n: int, dtype, g):
     yield "subnormal and huge", x
 
 
+def select(sel, values, n_keep):
+    """keys padded with topk.PAD to a multiple of CHUNK, as bip.masking lays them out."""
+    n = values.numel()
+    keys = torch.full((topk.padded(n),), topk.PAD, dtype=values.dtype)
+    keys[:n] = values
+    out = torch.empty(keys.numel(), dtype=torch.bool)
+    sel.select(topk.rank_keys_(keys), n_keep, out)
+    assert not out[n:].any()  # padding is never kept
+    return out[:n]
+
+
 @pytest.mark.parametrize("n", [500, 40_000])  # below / above topk.SORT_BELOW
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_select_matches_stable_sort(n, dtype):
     g = torch.Generator().manual_seed(n)
-    sel = topk.TopK(n, dtype, torch.device("cpu"))
+    sel = topk.TopK(topk.padded(n), dtype, torch.device("cpu"))
     for name, values in patterns(n, dtype, g):
-        for n_keep in (1, 3, n // 3, n // 2 + 1, n - 4, n - 1):
-            keys = topk.rank_keys_(values.clone())
-            out = torch.empty(n, dtype=torch.bool)
-            sel.select(keys, n_keep, out)
+        for n_keep in (1, 3, n // 3, n // 2 + 1, n - 4, n - 1, n):
+            out = select(sel, values, n_keep)
             assert int(out.sum()) == n_keep, (name, n_keep)
             assert torch.equal(out, reference(values, n_keep)), (name, n_keep)
 
 
 def test_select_on_slices_of_a_shared_workspace():
     g = torch.Generator().manual_seed(0)
-    sel = topk.TopK(100_000, torch.float32, torch.device("cpu"))
-    for n in (99_999, 33_000, 70_001, 4097 * 9):  # stale workspace contents must not leak in
+    sel = topk.TopK(topk.padded(100_000), torch.float32, torch.device("cpu"))
+    for n in (99_999, 33_000, 70_001, 4097 * 9, 4096 * 9):  # stale contents must not leak in
         values = torch.randint(0, 3, (n,), generator=g).float()
-        out = torch.empty(n, dtype=torch.bool)
-        sel.select(topk.rank_keys_(values.clone()), n // 3, out)
-        assert torch.equal(out, reference(values, n // 3))
+        assert torch.equal(select(sel, values, n // 3), reference(values, n // 3))
 
 
 def test_three_nans_in_500_keep_the_requested_count():
     values = torch.rand(500)
     values[[3, 100, 499]] = float("nan")
-    out = torch.empty(500, dtype=torch.bool)
     sel = topk.TopK(500, torch.float32, torch.device("cpu"))
-    sel.select(topk.rank_keys_(values.clone()), 250, out)
+    out = select(sel, values, 250)
     assert int(out.sum()) == 250 and not out[[3, 100, 499]].any()  # NaN ranks last
-    sel.select(topk.rank_keys_(values.clone()), 498, out)
+    out = select(sel, values, 498)
     assert int(out.sum()) == 498 and out[3] and not out[[100, 499]].any()  # earliest NaN first
 
 
 def test_top_rows_per_row_budget_and_ties():
     keys = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.0],
-                         [float("nan"), 1.0, 1.0, -2.0, -2.0, -2.0]])
+                         [float("nan"), 1.0, 1.0, topk.PAD, topk.PAD, topk.PAD]])
     kept = topk.top_rows(topk.rank_keys_(keys), torch.tensor([3, 2]))
     assert kept.tolist() == [[False, True, True, True, False, False],
                              [False, True, True, False, False, False]]
