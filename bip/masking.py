@@ -92,6 +92,7 @@ class Plan:
         self.unstructured_span = sum(self.segments[:u])
         self.floors = [floor_count(options.min_layer_keep, n) for n in self.sizes[:u]]
         self._ws: tuple | None = None
+        self._unit_budgets: dict = {}  # (k, rule, device) -> per-layer kept units, on the device
 
     def workspace(self) -> tuple[torch.Tensor, torch.Tensor, topk.TopK]:
         """(flat keys, flat keep, TopK) for the current device / dtype of the scores."""
@@ -150,7 +151,10 @@ class Plan:
     def _refresh_structured(self, k: float, rule: str) -> None:
         norms = [_unit_norms(m) for m in self.structured]
         keys = topk.rank_keys_(nn.utils.rnn.pad_sequence(norms, batch_first=True, padding_value=topk.PAD))
-        n_keep = torch.tensor([keep_count(k, v.numel(), rule) for v in norms], device=keys.device)
+        n_keep = self._unit_budgets.get((k, rule, keys.device))
+        if n_keep is None:  # built once per k: no host-to-device copy in the step
+            n_keep = torch.tensor([keep_count(k, v.numel(), rule) for v in norms], device=keys.device)
+            self._unit_budgets[(k, rule, keys.device)] = n_keep
         kept = topk.top_rows(keys, n_keep)
         for i, (m, v) in enumerate(zip(self.structured, norms)):
             m.mask.copy_(kept[i, :v.numel()].view(_unit_shape(m)).expand_as(m.mask))

@@ -65,11 +65,10 @@ class TopK:
         int_dtype = int_keys(torch.empty(0, dtype=dtype)).dtype
         self.width = 32 if int_dtype == torch.int32 else 64
         big = capacity if capacity >= SORT_BELOW else 0
-        self.seg = torch.empty(big, dtype=int_dtype, device=device)
         self.high = torch.empty(big, dtype=int_dtype, device=device)
         self.inside = torch.empty(big, dtype=torch.int32, device=device)
         self.eq = torch.empty(big, dtype=torch.bool, device=device)
-        self.ones = torch.ones(big, dtype=torch.int32, device=device)
+        self.ones = torch.ones(1, dtype=torch.int32, device=device).expand(big)  # no memory
         self.counts = torch.zeros(BINS, dtype=torch.int32, device=device)
         self.row_ids = torch.arange(-(-capacity // CHUNK), device=device)[:, None]
         self.col_ids = torch.arange(CHUNK, device=device)
@@ -95,24 +94,23 @@ class TopK:
     def _threshold(self, key: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The n_keep-th largest key t (0-d) and how many entries equal to t are kept."""
         n, w = key.numel(), self.width
-        seg, high, inside, counts = self.seg[:n], self.high[:n], self.inside[:n], self.counts
+        digits, inside, counts = self.high[:n], self.inside[:n], self.counts
         # Level 0, the top 16 bits, signed: +BINS/2 puts the bins in rank order.
-        torch.bitwise_right_shift(key, w - 16, out=high).add_(BINS // 2)
-        counts.zero_().index_add_(0, high, self.ones[:n])
+        torch.bitwise_right_shift(key, w - 16, out=digits).add_(BINS // 2)
+        counts.zero_().index_add_(0, digits, self.ones[:n])
         b, above = _bin_of(counts, n_keep)
-        prefix = b                               # higher digits of t, as ``high`` holds them
-        need = n_keep - above
-        for shift in range(w - 32, -1, -16):     # lower levels: unsigned 16-bit digits
-            if shift != w - 32:                  # (at w - 32, ``high`` holds them already)
-                torch.bitwise_right_shift(key, shift + 16, out=high)
+        prefix, need = b, n_keep - above       # t's higher digits, as ``digits`` holds them
+        for shift in range(w - 32, -1, -16):   # lower levels: unsigned 16-bit digits
+            if shift != w - 32:                # (at w - 32, ``digits`` holds them already)
+                torch.bitwise_right_shift(key, shift + 16, out=digits)
             # Histogram of this digit over the entries sharing t's higher digits: the others
             # add 0 (an int32 weight, not a moved index: no conversion, no single hot bin).
-            torch.eq(high, prefix, out=inside)
+            torch.eq(digits, prefix, out=inside)
             if shift:
-                torch.bitwise_right_shift(key, shift, out=seg).bitwise_and_(BINS - 1)
+                torch.bitwise_right_shift(key, shift, out=digits).bitwise_and_(BINS - 1)
             else:
-                torch.bitwise_and(key, BINS - 1, out=seg)
-            counts.zero_().index_add_(0, seg, inside)
+                torch.bitwise_and(key, BINS - 1, out=digits)
+            counts.zero_().index_add_(0, digits, inside)
             b, above = _bin_of(counts, need)
             prefix = prefix * BINS + b if shift != w - 32 else (prefix - BINS // 2) * BINS + b
             need = need - above

@@ -283,3 +283,18 @@ def test_mask_is_a_pure_function_of_scores():
 def test_dense_layer_factory_is_plain():
     f = LayerFactory("dense")
     assert type(f.conv(3, 4, 3)) is nn.Conv2d and type(f.linear(3, 4)) is nn.Linear
+
+
+@pytest.mark.parametrize("layer_type,extra", [("nm", {}), ("unstructured", {"skip": "first,classifier"})])
+def test_report_and_effective_counts_agree(layer_type, extra):
+    from bip.export import count_params_and_macs
+    torch.manual_seed(0)
+    model = create_model("resnet20s", 10, layer_type)
+    masking.init_scores(model, "magnitude")
+    masking.configure(model, _prune(layer_type=layer_type, **({} if layer_type == "nm" else {"k": 0.2}), **extra))
+    masking.refresh_masks(model, 0.5 if layer_type == "nm" else 0.2)
+    report = masking.sparsity_report(model)
+    counts = count_params_and_macs(model, (3, 32, 32))
+    assert counts["params_dense"] - counts["params_effective"] == report["weights_total"] - report["weights_kept"]
+    dense = sum(m.weight.numel() for n, m in masking.masked_layers(model) if n in report["dense_layers"])
+    assert report["weights_kept"] == dense + report["kept"]  # units are weights here
