@@ -180,7 +180,8 @@ def _nm_view(t: torch.Tensor, m: int) -> torch.Tensor:
 
 def nm_dense_reason(layer: MaskedLayer, m: int) -> str:
     """Why an nm layer stays dense ('' if it is pruned)."""
-    return "" if layer.weight.shape[1] % m == 0 else f"input size {layer.weight.shape[1]} is not a multiple of m={m}"
+    n_in = layer.weight.shape[1]
+    return "" if n_in % m == 0 else f"input size {n_in} is not a multiple of m={m}"
 
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()

@@ -28,7 +28,8 @@ method = create_method(cfg, model)
 if mode == "dist":
     method.attach(nn.parallel.DistributedDataParallel(model, broadcast_buffers=False))
 g = torch.Generator().manual_seed(1)
-batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))
+           for _ in range(2)]
 shard = slice(rank * 16 // world, (rank + 1) * 16 // world)
 method.step([(x[shard], y[shard]) for x, y in batches], 0.0)
 if rank == 0:

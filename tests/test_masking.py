@@ -291,10 +291,12 @@ def test_report_and_effective_counts_agree(layer_type, extra):
     torch.manual_seed(0)
     model = create_model("resnet20s", 10, layer_type)
     masking.init_scores(model, "magnitude")
-    masking.configure(model, _prune(layer_type=layer_type, **({} if layer_type == "nm" else {"k": 0.2}), **extra))
+    budget = {} if layer_type == "nm" else {"k": 0.2}
+    masking.configure(model, _prune(layer_type=layer_type, **budget, **extra))
     masking.refresh_masks(model, 0.5 if layer_type == "nm" else 0.2)
     report = masking.sparsity_report(model)
     counts = count_params_and_macs(model, (3, 32, 32))
-    assert counts["params_dense"] - counts["params_effective"] == report["weights_total"] - report["weights_kept"]
+    pruned_weights = report["weights_total"] - report["weights_kept"]
+    assert counts["params_dense"] - counts["params_effective"] == pruned_weights
     dense = sum(m.weight.numel() for n, m in masking.masked_layers(model) if n in report["dense_layers"])
     assert report["weights_kept"] == dense + report["kept"]  # units are weights here

@@ -60,7 +60,8 @@ def test_dense_pretrain_step_is_sync_free():
 @pytest.mark.parametrize("method", STEPPED + ["omp", "random"])
 def test_step_is_sync_free(method, layer_type):
     events = syncs_per_step(method, layer_type)
-    assert events == [], f"{len(events)} host syncs: " + "; ".join(f"{op} at {where}" for op, where in events[:6])
+    shown = "; ".join(f"{op} at {where}" for op, where in events[:6])
+    assert events == [], f"{len(events)} host syncs: {shown}"
 
 
 @pytest.mark.parametrize("method,extra", [
