@@ -90,5 +90,7 @@ def test_train_records_collapse_per_epoch_and_fails_when_asked(tmp_path):
     assert result["collapsed"] is True and {"conv1", "fc"} & set(result["collapsed_layers"])
     row = json.loads((identity.run_dir(cfg) / identity.METRICS).read_text().splitlines()[-1])
     assert row["collapsed"] is True and row["collapsed_layers"] == result["collapsed_layers"]
+    # on_collapse does not change what a run computes (not in the run id): a fresh folder
     with pytest.raises(BipError, match="on_collapse=fail"):
-        train(load_config([], prune + ["prune.on_collapse=fail"]))
+        train(load_config([], prune + ["prune.on_collapse=fail"]), tmp_path / "fail")
+    assert json.loads((tmp_path / "fail" / identity.METRICS).read_text())["collapsed"] is True
