@@ -252,6 +252,9 @@ def test_torch_loader_global_batch_and_resume_whatever_worker_loads_a_sample():
     shards = [_epoch(r.streams[0], 1) for r in ranks]
     assert len(whole) == 180 // 8 and _bitwise(_gathered(shards), whole)
     assert _bitwise(_epoch(ranks[1].streams[0], 1, start=7), shards[1][7:])   # resumed mid-epoch
+    abandoned = ranks[0].streams[0].epoch(1)   # (train.steps_per_epoch stops an epoch early)
+    next(abandoned), next(abandoned)
+    assert _bitwise(_epoch(ranks[0].streams[0], 1), shards[0])   # the persistent workers restart
     assert not _bitwise(_epoch(one.streams[0], 2), whole)
 
 
