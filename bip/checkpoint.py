@@ -44,11 +44,14 @@ def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state_dict, meta) of a model to start from: our checkpoint, the reference
     code's checkpoint ({'state_dict': ...}), or a bare state_dict."""
     obj = load(path, "source checkpoint")
-    if obj.get("format") == FORMAT:
-        return obj["model"], obj.get("meta", {})
-    state = obj.get("state_dict", obj)
+    ours = obj.get("format") == FORMAT
+    state = obj.get("model") if ours else obj.get("state_dict", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BipError(f"source checkpoint {path} holds no model state_dict")
+        raise BipError(f"source checkpoint {path} holds no model state_dict"
+                       + (" (its 'model' entry is missing or not a dict of tensors)" if ours else ""))
+    if ours:
+        meta = obj.get("meta", {})
+        return state, meta if isinstance(meta, dict) else {}
     # DataParallel / DDP prefixes from other tools.
     return {k.removeprefix("module."): v for k, v in state.items()}, {}
 

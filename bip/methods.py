@@ -54,6 +54,13 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
         g.copy_(synced)
 
 
+def autocast(cfg: Config, device_type: str):
+    """Mixed precision for one run (train.mixed_precision): torch.autocast, not accelerate's,
+    because accelerate keeps ONE precision per process (AcceleratorState), so a second run with
+    another precision in the same process (the --debug executor, library users) would fail."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
+
+
 class Method:
     streams = 1          # training streams read per step (BiP: 2)
     one_shot = False     # True: the run trains nothing (epochs are skipped)
@@ -61,6 +68,8 @@ class Method:
     def __init__(self, cfg: Config, model: nn.Module):
         self.cfg, self.core, self.model = cfg, model, model
         self.accelerator = None
+        first = next(model.parameters(), None)
+        self.device_type = first.device.type if first is not None else "cpu"
         last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.num_classes = last_linear[-1].out_features if last_linear else 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -87,7 +96,7 @@ class Method:
 
     # helpers -------------------------------------------------------------------------------
     def _autocast(self):
-        return self.accelerator.autocast() if self.accelerator else contextlib.nullcontext()
+        return autocast(self.cfg, self.device_type)
 
     def _no_sync(self):
         no_sync = getattr(self.model, "no_sync", None)

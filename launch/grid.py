@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise BipError("--hold submits held Slurm jobs: not with --wait, --local or --debug")
     plan = sweep.load_grid(args.grid, args.root)
     resources = stage_resources(plan, args.profile, executor)
+    if not args.status:
+        check_names(plan)  # a dry run validates every cell as a submission would
     manifest = state.read_manifest(plan)
     states = state.run_states(plan, manifest, slurm=shutil.which("sacct") is not None)
     if args.status:
@@ -77,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
         if args.wait and live:
             submit.wait_slurm(sorted(set(live.values())))
         return finish(plan, state.read_manifest(plan), wait=args.wait or executor != "slurm")
-    check_names(plan)
     if executor == "slurm" and shutil.which("sbatch") is None:
         raise BipError("sbatch not found: this is not a Slurm login node (use --local or --debug)")
     for run_ in stale:
@@ -144,15 +145,14 @@ def stage_resources(plan: sweep.Plan, profile: str | None, executor: str) -> dic
 
 def check_names(plan: sweep.Plan) -> None:
     """Unknown arch or dataset names fail here, not in a thousand jobs (imports torch)."""
-    from bip.data import DATASETS
-    from bip.models import MODELS, list_models
-    for run in plan.all_runs():
-        if run.cfg.model.arch not in MODELS:
-            raise BipError(f"grid {plan.name}: unknown arch {run.cfg.model.arch!r}; choose one of: "
-                           + ", ".join(list_models()))
-        if run.cfg.data.dataset not in DATASETS:
-            raise BipError(f"grid {plan.name}: unknown dataset {run.cfg.data.dataset!r}; choose one of: "
-                           + ", ".join(sorted(DATASETS)))
+    from bip.data import check_dataset
+    from bip.models import model_builder
+    for arch, dataset in sorted({(r.cfg.model.arch, r.cfg.data.dataset) for r in plan.all_runs()}):
+        try:
+            model_builder(arch)
+            check_dataset(dataset)
+        except BipError as err:
+            raise BipError(f"grid {plan.name}: {err}") from None
 
 
 def print_plan(plan, states, runs, resources, executor) -> None:

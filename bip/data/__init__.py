@@ -62,9 +62,14 @@ def register_dataset(name: str, describe: Callable[..., DatasetSpec] | None = No
     return wrap
 
 
+def check_dataset(name: str) -> None:
+    """A registered dataset name, or a one-line BipError listing the choices."""
+    if name not in DATASETS:
+        raise BipError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+
+
 def _checked(cfg, num_classes: int, make) -> DatasetSpec:
-    if cfg.dataset not in DATASETS:
-        raise BipError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    check_dataset(cfg.dataset)
     spec = make(cfg, num_classes)
     if num_classes and num_classes != spec.num_classes:
         raise BipError(f"model.num_classes={num_classes} but {cfg.dataset} has {spec.num_classes} classes")
