@@ -237,8 +237,7 @@ class Imp(Dense):
         super().__init__(cfg, model)
         if cfg.train.epochs < 1:
             raise BipError("imp needs train.epochs >= 1 (epochs per round)")
-        self.rewind_state = {k: v for k, v in rewind_state.items()
-                             if not (k.endswith("scores") or k.endswith("mask"))}
+        self.rewind_state = _rewind_weights(model, rewind_state)
         self.rounds = imp_rounds(cfg.prune.k, cfg.prune.imp_rate)
 
     def epochs(self) -> int:
@@ -254,13 +253,31 @@ class Imp(Dense):
             for _, m in masking.masked_layers(self.core):
                 m.scores.copy_(m.weight.abs() * m.mask)  # pruned weights rank last
         masking.refresh_masks(self.core, self.density(epoch // self.cfg.train.epochs))
-        missing, _ = self.core.load_state_dict(self.rewind_state, strict=False)
+        # Scores and masks are this run's own (the rewind source is dense); everything else was
+        # checked to be present at construction, so a partial rewind cannot pass unnoticed.
+        self.core.load_state_dict(self.rewind_state, strict=False)
         masking.zero_pruned_weights(self.core)
         self.opt.state.clear()  # a new round starts with fresh momentum
 
     def step(self, batches, progress):
         round_epochs = self.cfg.train.epochs
         return self._sgd_step(self.opt, batches[0], self._lr(progress % round_epochs, round_epochs))
+
+
+def _rewind_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rewind state without scores and masks; every other tensor of ``model`` must be in it
+    with its shape, and nothing else may be (a one-line BipError otherwise)."""
+    own = {f"{name}.{part}" for name, _ in masking.masked_layers(model) for part in ("scores", "mask")}
+    want = {k: v.shape for k, v in model.state_dict().items() if k not in own}
+    state = {k: v for k, v in state.items() if k not in own}
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = [k for k in want if k in state and state[k].shape != want[k]]
+    if missing or unexpected or wrong:
+        raise BipError("imp: rewind.pt does not fit this model: "
+                       + "; ".join(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                                   for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                      ("wrong shape", wrong)) if keys))
+    return state
 
 
 def imp_rounds(k: float, rate: float) -> int:

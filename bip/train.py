@@ -30,6 +30,7 @@ from bip.export import count_params_and_macs
 from bip.methods import autocast, create_method
 from bip.models import create_model, model_builder
 from bip.names import check_root
+from bip.nonfinite import NonFiniteGuard
 from bip.provenance import provenance, seed_everything
 
 Hook = Callable[[str, dict], None]
@@ -78,9 +79,11 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
                   accelerator)
 
     state = {"epoch": 0, "step": 0, "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None},
-             "wall_time_s": 0.0}
+             "wall_time_s": 0.0, "nonfinite_steps": 0}
     if resuming:
         state = _resume(resume_path, method, state)
+    guard = NonFiniteGuard(method.core, method.optimizers.values(), cfg.train.max_nonfinite_steps,
+                           accelerator.device, state["nonfinite_steps"])
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text(run_dir / identity.CONFIG, identity.config_yaml(cfg, provenance(accelerator)))
@@ -101,11 +104,16 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
         for i, batch in enumerate(log.wrap(batches, steps, f"epoch {epoch + 1}/{epochs}")):
             if i >= steps:
                 break
+            guard.before_step()
             stats = method.step(list(batch), epoch + i / steps)
+            guard.after_step(stats["loss"], state["step"])
             totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
             state["step"] += 1
+            if state["step"] % cfg.run.print_freq == 0:  # a logging point: the one sync allowed
+                guard.check(epoch)
             if hook:
                 hook("step", {"epoch": epoch, "step": state["step"], "model": model})
+        state["nonfinite_steps"] = guard.check(epoch)  # before anything of this epoch is saved
         last = _evaluate(model, loaders, accelerator, cfg)
         last.update(epoch=epoch + 1, step=state["step"], time_s=round(time.time() - t0, 3),
                     train_loss=_mean(totals, "loss"), train_acc=_mean(totals, "correct"))
@@ -251,7 +259,8 @@ def _checkpoint(cfg: Config, method, state: dict) -> dict:
     return {"format": checkpoint.FORMAT, "model": method.core.state_dict(),
             "method": method.state_dict(), "rng": checkpoint.rng_state(),
             "epoch": state["epoch"], "step": state["step"], "best": state["best"],
-            "wall_time_s": state["wall_time_s"], "meta": _meta(cfg, method.num_classes)}
+            "wall_time_s": state["wall_time_s"], "nonfinite_steps": state["nonfinite_steps"],
+            "meta": _meta(cfg, method.num_classes)}
 
 
 def _meta(cfg: Config, num_classes: int) -> dict:
@@ -282,7 +291,8 @@ def _resume(path: Path, method, state: dict) -> dict:
         checkpoint.set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise BipError(f"{path} holds an unusable RNG state ({type(err).__name__})") from None
-    return {k: ckpt[k] for k in ("epoch", "step", "best", "wall_time_s")}
+    return {**{k: ckpt[k] for k in ("epoch", "step", "best", "wall_time_s")},
+            "nonfinite_steps": int(ckpt.get("nonfinite_steps", 0))}
 
 
 def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
@@ -301,6 +311,7 @@ def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
         **count_params_and_macs(model, loaders.input_shape),
         "wall_time_s": round(state["wall_time_s"] if state["epoch"] else elapsed, 3),
         "device": device, "world_size": accelerator.num_processes,
+        "nonfinite_steps": state["nonfinite_steps"],  # skipped (train.max_nonfinite_steps)
     }
 
 
