@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/grid.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bip import catalogue  # noqa: E402
 from bip.config import OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
 from launch import profiles, state, submit, sweep  # noqa: E402
@@ -144,13 +145,11 @@ def stage_resources(plan: sweep.Plan, profile: str | None, executor: str) -> dic
 
 
 def check_names(plan: sweep.Plan) -> None:
-    """Unknown arch or dataset names fail here, not in a thousand jobs (imports torch)."""
-    from bip.data import check_dataset
-    from bip.models import model_builder
+    """Unknown arch or dataset names fail here, not in a thousand jobs (bip.catalogue: no torch)."""
     for arch, dataset in sorted({(r.cfg.model.arch, r.cfg.data.dataset) for r in plan.all_runs()}):
         try:
-            model_builder(arch)
-            check_dataset(dataset)
+            catalogue.check_arch(arch)
+            catalogue.check_dataset(dataset)
         except BipError as err:
             raise BipError(f"grid {plan.name}: {err}") from None
 

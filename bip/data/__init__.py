@@ -12,6 +12,7 @@ from typing import Callable, Union
 import torch
 from torch.utils.data import Dataset
 
+from bip import catalogue
 from bip.errors import BipError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -54,6 +55,8 @@ DESCRIPTIONS: dict[str, Callable[..., DatasetSpec]] = {}
 def register_dataset(name: str, describe: Callable[..., DatasetSpec] | None = None):
     """Register a reader ``fn(cfg, num_classes) -> DatasetSpec``; ``describe`` (same signature,
     no splits) answers without reading images, for loaders that bring their own (ffcv)."""
+    catalogue.listed("dataset", name)
+
     def wrap(fn):
         DATASETS[name] = fn
         if describe is not None:
