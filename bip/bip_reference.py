@@ -102,11 +102,12 @@ class BipReference(Method):
         self._trainable(scores=True, weights=False)
         self.upper.zero_grad(set_to_none=False)
         self._backward(x_t, y_t)
-        # 4. slot-wise "implicit gradient": G = gM - lr2 * gM * gB, then the mask step.
+        # 4. slot-wise "implicit gradient": G = gM + (-lr2 * gM) * gB, in the released code's op
+        #    order (another order rounds differently, which channel masks amplify).
         with torch.no_grad():
             for p, g_b in g_full.items():
                 if p.grad is not None:
-                    p.grad.add_(p.grad * g_b, alpha=-self.cfg.bip.lr2)
+                    p.grad.add_((-self.cfg.bip.lr2 * p.grad) * g_b)
         self.upper.step()
         self.refresh()
         # 5. the released code's logging forward (moves BN running statistics once more).
