@@ -102,9 +102,11 @@ class PruneConfig:
     score_init: str = "kaiming"     # magnitude (--scaled-score-init) | hydra | kaiming
     train_bn: bool = True           # hydra: train BatchNorm affine with the scores
     imp_rate: float = 0.2           # imp: fraction of the remaining weights pruned per round
+    variant: str = "paper"          # hydra: paper | reference (the released BiP code's HYDRA run)
 
     def __post_init__(self):
         _check_choice("prune.method", self.method, METHODS)
+        _check_choice("prune.variant", self.variant, ("paper", "reference"))
         _check_choice("prune.layer_type", self.layer_type, LAYER_TYPES)
         _check_choice("prune.score_init", self.score_init, SCORE_INITS)
         _check_range("prune.k", self.k, 0.0, 1.0, low_open=True)

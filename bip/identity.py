@@ -46,12 +46,13 @@ def _unused(cfg: Config) -> set[str]:
     if stage == "pretrain":
         return {"prune.*", "bip.*"}
     if stage == "finetune":
-        return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate"}
+        return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate",
+                "prune.variant"}
     unused = set()
     if method != "bip":
         unused.add("bip.*")
     if method != "hydra":
-        unused.add("prune.train_bn")
+        unused |= {"prune.train_bn", "prune.variant"}
     if method != "imp":
         unused.add("prune.imp_rate")
     if method not in ("hydra", "bip"):

@@ -291,6 +291,9 @@ def create_method(cfg: Config, model: nn.Module, rewind_state: dict | None = Non
         return Dense(cfg, model)
     method = cfg.prune.method
     if method == "hydra":
+        if cfg.prune.variant == "reference":
+            from bip.bip_reference import HydraReference
+            return HydraReference(cfg, model)
         return Hydra(cfg, model)
     if method == "bip":
         if cfg.bip.variant == "reference":

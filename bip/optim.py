@@ -38,6 +38,8 @@ def reference_lr(schedule: str, base: float, epoch: int, epochs: int) -> float:
         return float(base * 0.5 * (1 + np.cos((epoch - 1) / epochs * np.pi)))
     if schedule == "step":
         return base if epoch < 0.5 * epochs else base * 0.1 if epoch < 0.75 * epochs else base * 0.01
+    if schedule == "constant":
+        return base
     raise ValueError(f"unknown reference lr schedule {schedule!r}")
 
 

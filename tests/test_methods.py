@@ -334,6 +334,73 @@ def test_reference_variant_is_bitwise_the_released_step(layer_type, aliased):
             assert torch.equal(value, want[name]), (name, (value - want[name]).abs().max().item())
 
 
+def _released_hydra_steps(model, epochs, batches, lr, wd, aliased, k):
+    """The released ``--trainer base`` prune run: prepare_model freezes weights and biases (not
+    BN), the score init aliases (or rescales the weights), ONE SGD over all parameters, the
+    cosine (e - 1) lr per epoch, forward -> zero_grad (zero-filled) -> backward -> step."""
+    for m in model.modules():
+        if not isinstance(m, nn.BatchNorm2d):
+            for name, p in m.named_parameters(recurse=False):
+                p.requires_grad_(name == "popup_scores")
+        if hasattr(m, "popup_scores") and aliased:
+            m.popup_scores.data = m.weight.data
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and not aliased:
+            m.weight.data = 1 / math.sqrt(k) * m.weight.data
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, foreach=False)
+    for epoch, epoch_batches in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos((epoch - 1) / epochs * np.pi))
+        for x, y in epoch_batches:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("aliased", [True, False], ids=["scaled-score-init", "random-scores"])
+@pytest.mark.parametrize("layer_type", ["unstructured", "filter", "channel"])
+def test_hydra_reference_variant_is_bitwise_the_released_run(layer_type, aliased):
+    k, lr, wd, epochs = 0.1, 0.1, 5e-4, 2
+    torch.manual_seed(0)
+    ours = create_model("resnet20s", 10, layer_type).double()
+    with torch.no_grad():
+        for _, m in masking.masked_layers(ours):
+            m.scores.normal_()
+    released = _RelResNet20s(layer_type, k).double()
+    released.load_state_dict({n.replace("scores", "popup_scores"): v for n, v in ours.state_dict().items()
+                              if not n.endswith("mask")})
+    cfg = prune_cfg(f"prune.layer_type={layer_type}", "prune.method=hydra", "prune.variant=reference",
+                    f"prune.score_init={'magnitude' if aliased else 'kaiming'}", f"prune.k={k}",
+                    f"optim.lr={lr}", f"optim.wd={wd}", f"train.epochs={epochs}")
+    method = create_method(cfg, ours)
+    g = torch.Generator().manual_seed(2)
+    batches = [[(torch.randn(4, 3, 8, 8, generator=g).double(), torch.randint(0, 10, (4,), generator=g))
+                for _ in range(3)] for _ in range(epochs)]
+    _released_hydra_steps(released, epochs, batches, lr, wd, aliased, k)
+    for epoch, epoch_batches in enumerate(batches):
+        method.on_epoch_start(epoch)
+        for i, batch in enumerate(epoch_batches):
+            method.step([batch], epoch + i / 3)
+    want = {n.replace("popup_scores", "scores"): v for n, v in released.state_dict().items()}
+    for name, value in ours.state_dict().items():
+        if not name.endswith("mask"):
+            assert torch.equal(value, want[name]), (name, (value - want[name]).abs().max().item())
+    if aliased:  # the "frozen" weights moved with the scores
+        conv = masking.masked_layers(ours)[0][1]
+        assert conv.weight.data_ptr() == conv.scores.data_ptr()
+
+
+def test_hydra_variants_keep_their_counts():
+    """k = 0.1 filter pruning of resnet20s: the released rule zeroes floor(0.9 n) filters per conv
+    (7 x 2 + 6 x 4 + 6 x 7 = 80 kept), ours keeps round(0.1 n) (7 x 2 + 6 x 3 + 6 x 6 = 68)."""
+    kept = {}
+    for variant in ("paper", "reference"):
+        model = create_model("resnet20s", 10, "filter")
+        create_method(prune_cfg("prune.layer_type=filter", "prune.k=0.1", f"prune.variant={variant}"), model)
+        kept[variant] = masking.sparsity_report(model)["kept"]
+    assert kept == {"paper": 68, "reference": 80}
+
+
 def test_reference_scaled_init_aliases_scores_and_weights():
     cfg = prune_cfg("prune.method=bip", "bip.variant=reference", "prune.score_init=magnitude",
                     "prune.k=0.5", "train.epochs=2")
