@@ -54,7 +54,9 @@ def files(tmp_path: Path) -> dict[str, Path]:
         paths[name].parent.mkdir(exist_ok=True)
         paths[name].write_bytes(data)
     for name, obj in {"no_model": ours, "model_list": {**ours, "model": [1, 2]},
-                      "no_rng": {**ours, "model": {"w": torch.zeros(1)}}}.items():
+                      "no_rng": {**ours, "model": {"w": torch.zeros(1)}},
+                      "foreign": {"state_dict": {"w": [1, 2]}},
+                      "other_arch": {"conv1.weight": torch.zeros(4, 3, 3, 3)}}.items():
         paths[name] = tmp_path / "in" / f"{name}.pt"
         torch.save(obj, paths[name])
     return paths
@@ -93,6 +95,11 @@ TRAIN_CASES = {
     "label smoothing 5": (["train.label_smoothing=5"], "train.label_smoothing=5.0 is out of range", "cli"),
     "num workers -1": (["data.num_workers=-1"], "data.num_workers must be >= 0", "cli"),
     "momentum 1.5": (["optim.momentum=1.5"], "optim.momentum=1.5 is out of range", "cli"),
+    "bip gamma 0": (["bip.gamma=0"], "bip.gamma must be > 0", "cli"),
+    "wrong type": (["--epochs", "two"], "train.epochs='two' is not a valid int", "cli"),
+    "unknown trainer": (["--trainer", "fast"], "trainer='fast' is not valid", "cli"),
+    "pruned pretrain": (["--layer-type", "unstructured"], "pretrain trains a dense model", "cli"),
+    "dense prune": (["--exp-mode", "prune", "--k", "0.5"], "needs a pruned layer type", "cli"),
     "huge int": (["data.batch_size=1e30"], "data.batch_size='1e30' is too large", "cli"),
     # files
     "binary --configs": (["--configs", "{binary}"], "not UTF-8 text", "cli"),
@@ -105,6 +112,9 @@ TRAIN_CASES = {
     "source model not a dict": ([*PRUNE, "--k", "0.1", "--source-net", "{model_list}"],
                                 "holds no model state_dict", "run"),
     "resume without rng": (["--resume", "{no_rng}"], "cannot be resumed from: it lacks rng", "run"),
+    "corrupt source": ([*PRUNE, "--k", "0.1", "--source-net", "{binary}"], "is corrupt or not a torch checkpoint", "run"),
+    "foreign source": ([*PRUNE, "--k", "0.1", "--source-net", "{foreign}"], "holds no model state_dict", "run"),
+    "source of another arch": ([*PRUNE, "--k", "0.1", "--source-net", "{other_arch}"], "does not fit resnet20s", "run"),
     "missing data": (["--dataset", "CIFAR10", "--data-dir", "/nonexistent"], "never downloaded", "run"),
     # the command line
     "unknown key": (["optim.lrr=0.1"], "unknown config key 'optim.lrr'", "cli"),
