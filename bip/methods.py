@@ -9,6 +9,7 @@ tensors (loss, correct, n) so the loop syncs with the device only when it logs.
 | dense    | everything (pretrain)                    | none                                 |
 | finetune | weights, biases, BN; pruned weights = 0  | fixed, from the source               |
 | hydra    | scores (+ BN affine); weights frozen     | top-k of |scores|, every step        |
+|  (ref.)  | prune.variant=reference: the released HYDRA run (bip.bip_reference.HydraReference) |
 | bip      | lower: weights on batch V; upper: scores | top-k of |scores|, every step        |
 | omp      | nothing (one-shot, finetune afterwards)  | global magnitude                     |
 | random   | nothing (one-shot, finetune afterwards)  | random                               |
