@@ -50,9 +50,10 @@ def check_root_text(what: str, value: object) -> str:
     return text
 
 
-def check_root(what: str, value: str | Path) -> Path:
+def check_root(what: str, value: str | Path, writable: bool = True) -> Path:
     """A root folder that exists as a directory or can be created: its nearest existing ancestor
-    is a writable directory (a file, ``/dev/null/x`` or a read-only place is refused)."""
+    is a directory (a file or ``/dev/null/x`` is refused) and, with ``writable``, one this
+    process may write to (read-only views such as ``grid.py --status`` pass False)."""
     path = Path(check_root_text(what, str(value))).expanduser()
     probe = path
     while not probe.exists():
@@ -62,6 +63,6 @@ def check_root(what: str, value: str | Path) -> Path:
     if probe.exists() and not probe.is_dir():
         where = "is a file" if probe == path else f"is under {probe}, which is not a folder"
         raise BipError(f"{what}={str(value)!r} {where}")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if writable and not os.access(probe, os.W_OK | os.X_OK):
         raise BipError(f"{what}={str(value)!r}: {probe} is not writable")
     return path

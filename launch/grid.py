@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as `python launch/grid.py`: make `launch` i
 from bip import catalogue  # noqa: E402
 from bip.config import OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
+from bip.names import check_root  # noqa: E402
 from launch import profiles, state, submit, sweep  # noqa: E402
 
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.status:
         print_status(plan, states)
         return 0
+    check_root("root", plan.root)  # writable: every run folder goes under it
     runs, stale = state.select(plan, states, args.only_failed)
     print_plan(plan, states, runs, resources, executor)
     if args.dry_run:

@@ -67,7 +67,7 @@ def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
     axes, groups = axes_of(doc, stages, where)
     cells = [sum(combo, ()) for combo in itertools.product(*groups)]
     given = root if root is not None else doc.get("root") or "runs"
-    root = check_root("--root" if root is not None else f"{where}: root", given).resolve()
+    root = check_root("--root" if root is not None else f"{where}: root", given, writable=False).resolve()
     common = mapping(doc.get("set"), f"{where}: set")
     resources = {s: {**mapping(doc.get("resources"), f"{where}: resources"),
                      **mapping(stages[s].get("resources"), f"{where}: stages.{s}.resources")}
