@@ -48,13 +48,23 @@ class NonFiniteGuard:
         self.model, self.optimizers, self.limit = model, list(optimizers), limit
         self.count = torch.full((), skipped, dtype=torch.int64, device=device)  # bad steps so far
         self.first = torch.full((), -1, dtype=torch.int64, device=device)       # first bad step
-        self.saved: dict[int, torch.Tensor] | None = None
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its copy)
         self.skipped = skipped  # host copy, as of the last check
 
     # -- the hot path: no host sync ----------------------------------------------------------
+    @torch.no_grad()
     def before_step(self) -> None:
-        if self.limit > 0:
-            self.saved = {id(t): t.detach().clone() for t in self._state()}
+        if self.limit == 0:
+            return
+        # Copies reused step after step (allocating them anew costs more than copying), made
+        # with one foreach call; a tensor the step creates has no copy yet (see _restore_unless).
+        saved = {}
+        for t in self._state():
+            entry = self.saved.get(id(t))
+            saved[id(t)] = entry if entry is not None and entry[0] is t else (t, torch.empty_like(t))
+        self.saved = saved
+        if saved:
+            torch._foreach_copy_([c for _, c in saved.values()], [t.detach() for t, _ in saved.values()])
 
     def after_step(self, loss: torch.Tensor, step: int) -> None:
         ok = torch.isfinite(loss.detach()).all()
@@ -71,12 +81,14 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def _restore_unless(self, ok: torch.Tensor) -> None:
-        saved, self.saved = self.saved or {}, None
         for t in self._state():
-            before = saved.get(id(t))
+            entry = self.saved.get(id(t))
             # A tensor the step created (an optimizer's first momentum buffer) was "absent"
             # before; zeros is the same state for SGD (dampening 0) and Adam.
-            t.copy_(torch.where(ok, t, before if before is not None else torch.zeros_like(t)))
+            if entry is not None and entry[0] is t:
+                torch.where(ok, t, entry[1], out=t)
+            else:
+                t.masked_fill_(~ok, 0)
 
     # -- at logging points and epoch ends: one sync ------------------------------------------
     def check(self, epoch: int) -> int:
