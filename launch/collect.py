@@ -18,7 +18,6 @@ Columns: COLUMNS, then every config field as ``section.key`` (schema order, unkn
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -32,7 +31,7 @@ if __package__ in (None, ""):  # run as `python launch/collect.py`: make `launch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bip.atomic import write_bytes as write_atomic  # noqa: E402
-from bip.config import SECTIONS  # noqa: E402
+from bip.config import SECTIONS, OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
 from bip.identity import CHECKPOINT, CONFIG, ERROR, METRICS, RESULT  # noqa: E402
 from launch import plots as plotting  # noqa: E402
@@ -273,13 +272,13 @@ def index_csv(rows: list[dict]) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="collect.py", description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, metavar="ROOT", help="the runs folder")
     parser.add_argument("--plots", action="store_true",
                         help="also write ROOT/summary.md and one PNG per dataset/arch/layer type")
     parser.add_argument("--out", type=Path, help="folder for the PNGs (default: ROOT/plots)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         index, rows = _collect(args.root, args.plots, args.out)
     except (BipError, OSError) as err:  # OSError: e.g. ROOT is read-only
         print(f"error: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pathlib import Path
 from bip import identity
 from bip.config import FLAT_KEYS, Config, build_config, flatten_yaml, read_yaml
 from bip.errors import BipError
+from bip.names import check_name, check_root
 from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key, label,
                              mapping, stages_of)
 
@@ -59,12 +60,14 @@ def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
         raise BipError(f"grid file not found: {path}")
     doc = read_yaml(path)
     check_keys(doc, GRID_KEYS, f"{path}")
-    name = str(doc.get("name") or path.stem)
+    # The name becomes <root>/_grids/<name>.json (and Slurm job names).
+    name = check_name(f"{path}: grid name (set `name:`)", doc.get("name") or path.stem, prefix=False)
     where = f"grid {name}"
     stages = stages_of(doc.get("stages"), where)
     axes, groups = axes_of(doc, stages, where)
     cells = [sum(combo, ()) for combo in itertools.product(*groups)]
-    root = Path(root if root is not None else doc.get("root") or "runs").expanduser().resolve()
+    given = root if root is not None else doc.get("root") or "runs"
+    root = check_root("--root" if root is not None else f"{where}: root", given, writable=False).resolve()
     common = mapping(doc.get("set"), f"{where}: set")
     resources = {s: {**mapping(doc.get("resources"), f"{where}: resources"),
                      **mapping(stages[s].get("resources"), f"{where}: stages.{s}.resources")}

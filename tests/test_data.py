@@ -343,3 +343,32 @@ def test_tensor_loader_on_cuda_never_syncs_and_matches_cpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert _bitwise([(x.cpu(), y.cpu()) for x, y in got], expected)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("a crafted pickle ran code",))
+
+
+def test_imagenet_lmdb_refuses_pickles_that_name_python_objects(tmp_path, capsys):
+    """A crafted LMDB record (a pickle that calls print) is refused, in one line that says LMDB
+    input must be trusted and names the pickle-free route; nothing is called."""
+    lmdb = pytest.importorskip("lmdb")
+
+    def write(folder, keys, record):
+        folder.mkdir()
+        for split in ("train", "val"):
+            env = lmdb.open(str(folder / f"{split}.lmdb"), map_size=1 << 24)
+            with env.begin(write=True) as txn:
+                txn.put(b"0", pickle.dumps(record))
+                txn.put(b"__keys__", pickle.dumps(keys))
+            env.close()
+        return data_cfg("data.dataset=ImageNet", f"data.data_dir={folder}")
+    spec = load_dataset(write(tmp_path / "a", [b"0"], (b"not a jpeg", _RunsCode())))
+    with pytest.raises(BipError, match=r"record b'0' is not plain pickled data .*refused to load "
+                                       r"the Python object builtins.print.*must come from a source you "
+                                       r"trust.*python -m bip.data.ffcv write"):
+        spec.train[0]
+    with pytest.raises(BipError, match="__keys__ is not plain pickled data"):
+        load_dataset(write(tmp_path / "b", _RunsCode(), (b"", 0)))
+    assert "ran code" not in capsys.readouterr().out
