@@ -157,6 +157,25 @@ def _thin_bn(bn: _BN, keep: list[int]) -> tuple[nn.Module, dict]:
     return new.to(ref.device, ref.dtype).eval(), {"kind": "batchnorm", "args": args}
 
 
+def _trace(dense: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict, Graph]:
+    gm = fx.GraphModule(dense, Tracer().trace(dense))
+    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+    interpreter.run(example[:1])
+    return gm, interpreter.env, analyze(gm, interpreter.env)
+
+
+@torch.no_grad()
+def channel_groups(model: nn.Module, example: torch.Tensor) -> dict[str, list[int]]:
+    """{conv / linear name: coupled-group id of each output filter}. Filters sharing an id leave
+    the model only together (what group-consistent masks need); -1 marks pinned filters, which
+    always stay (model outputs, unknown ops)."""
+    dense = dense_copy(model).eval()
+    _, _, g = _trace(dense, example)
+    pinned = {g.find(s) for s in g.pinned}
+    return {node.target: [-1 if g.find(s) in pinned else g.find(s) for s in g.slots[node]]
+            for node, _ in g.consumers}
+
+
 @torch.no_grad()
 def thin(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[dict], dict]:
     """(thinned model, rebuild spec, report) for ``model`` (masked or with exact zeros), which
@@ -164,18 +183,15 @@ def thin(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[dict]
     (its shape fixes the traced resolution; the thinned model accepts any resolution the
     original does). The report counts channels and the MACs that coupling kept as zeros."""
     dense = dense_copy(model).eval()
-    tracer = Tracer()
-    gm = fx.GraphModule(dense, tracer.trace(dense))
-    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-    interpreter.run(example[:1])
-    env = interpreter.env
-    g = analyze(gm, env)
+    gm, env, g = _trace(dense, example)
     calls: dict[str, list] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
-    for nodes in calls.values():
-        if len(nodes) > 1:  # a shared module must keep one shape: keep its channels
+    for name, nodes in calls.items():
+        module = dense.get_submodule(name)
+        stateful = isinstance(module, (nn.Conv2d, nn.Linear, _BN)) or type(module) in RULES
+        if len(nodes) > 1 and stateful:  # a shared layer has one shape: keep its channels
             for node in nodes:
                 g.pin(node)
                 for a in node.all_input_nodes:
