@@ -131,14 +131,16 @@ def export_thin(model: nn.Module, input_shape: tuple[int, ...], meta: dict) -> t
     diff, scale = max_abs_diff(model, thinned, input_shape)
     if not diff <= TOLERANCE * max(1.0, scale):
         raise RuntimeError(f"thinned model differs from the masked one by {diff:.3g}: a bug in bip.thin")
-    masked, thin_counts = count_params_and_macs(model, input_shape), count_params_and_macs(thinned, input_shape)
+    masked = count_params_and_macs(model, input_shape)
+    thin_counts = count_params_and_macs(thinned, input_shape)
     summary = {
         "params": {"dense": masked["params_dense"], "effective": masked["params_effective"],
                    "thin": thin_counts["params_dense"]},
         "macs": {"dense": masked["macs_dense"], "effective": masked["macs_effective"],
                  "thin": thin_counts["macs_dense"], "zero_kept": report["macs_zero_kept"],
                  "fold_per_forward": report["macs_fold_per_forward"]},
-        "channel_groups": report["channel_groups"], "channel_groups_removed": report["channel_groups_removed"],
+        "channel_groups": report["channel_groups"],
+        "channel_groups_removed": report["channel_groups_removed"],
         "max_abs_diff": diff, "channels": report["channels"],
     }
     return thinned, thin_file(thinned, spec, meta), summary
@@ -242,15 +244,35 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
     return doc
 
 
+def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
+    """A grid's export stage (launch/gridfile.py ``stages.export``), run by the job that trained
+    the run, right after it published its result. A failure is recorded in export.json and
+    reported, but does not fail the finished run."""
+    import traceback
+    from bip import checkpoint
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return export_run(run_dir, options.get("thin", False), options.get("onnx", False),
+                          tuple(options.get("latency") or ()), options.get("nm_sparse", False),
+                          options.get("input_size") or None, device, log)
+    except Exception as err:  # noqa: BLE001 - the training result stands; say what went wrong
+        log(traceback.format_exc(limit=4))
+        doc = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        checkpoint.write_json(run_dir / EXPORT, doc)
+        return doc
+
+
 def measure_latency(masked, dense, thinned, shape, batches, device: str) -> dict:
     from bip import latency
     models = {"dense": dense, "masked": masked, **({"thin": thinned} if thinned is not None else {})}
     out = {"device": latency.device_name(torch.device(device)), "load_average": latency.load_average(),
-           "dtype": "bf16, channels_last" if device.startswith("cuda") else "fp32", "batches": {}}
+           "dtype": ("bf16" if device.startswith("cuda") else "fp32") + ", channels_last", "batches": {}}
     for batch in batches:
         ms = latency.compare(models, shape, batch, device)
-        out["batches"][str(batch)] = {**{f"{k}_ms": v for k, v in ms.items()},
-                                      **({"speedup": round(ms["dense"] / ms["thin"], 3)} if "thin" in ms else {})}
+        row = {f"{k}_ms": v for k, v in ms.items()}
+        if "thin" in ms:
+            row["speedup"] = round(ms["dense"] / ms["thin"], 3)
+        out["batches"][str(batch)] = row
     return out
 
 
@@ -298,7 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--onnx", action="store_true", help="with --thin: thin.pt2 (torch.export) and thin.onnx")
     p.add_argument("--latency", type=int, nargs="*", metavar="BATCH",
                    help="measure dense / masked / thinned latency at these batch sizes (default 1 64)")
-    p.add_argument("--nm-sparse", action="store_true", help="N:M masks -> semi-structured sparse weights (CUDA)")
+    p.add_argument("--nm-sparse", action="store_true",
+                   help="N:M masks -> semi-structured sparse weights (CUDA)")
     p.add_argument("--input-size", type=int, help="input resolution (default: the run's dataset)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)

@@ -1,8 +1,9 @@
 """Inference latency of several models measured side by side: the median of interleaved,
 warmed-up forward passes, so that load on a shared machine hits every model alike.
 
-CPU: float32, contiguous. CUDA: bfloat16 weights and inputs in channels_last (what a GPU
-deployment runs), timed with a device synchronize around each pass.
+CPU: float32. CUDA: bfloat16, timed with a device synchronize around each pass. Both use the
+channels_last memory format by default (on this CPU oneDNN's convolutions run it at a steadier
+rate per MAC than NCHW, whose speed varies with the channel counts; see the README).
 """
 from __future__ import annotations
 
@@ -28,29 +29,33 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu}, {torch.get_num_threads()} threads"
 
 
-def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def prepare(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
     """A copy of ``model`` in eval mode, in the precision and memory format timed on ``device``."""
     model = copy.deepcopy(model).eval().to(device)
-    if device.type == "cuda":
-        model = model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    return model
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(dtype=dtype, memory_format=_format(channels_last))
 
 
-def example_input(batch: int, input_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def example_input(batch: int, input_shape: tuple[int, ...], device: torch.device,
+                  channels_last: bool = True) -> torch.Tensor:
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    if device.type == "cuda":
-        x = x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    return x
+    x = x.to(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return x.contiguous(memory_format=_format(channels_last)) if x.dim() == 4 else x
 
 
 @torch.no_grad()
 def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch: int,
-            device: torch.device | str = "cpu", warmup: int = 2, repeats: int = 7) -> dict[str, float]:
+            device: torch.device | str = "cpu", warmup: int = 2, repeats: int = 7,
+            channels_last: bool = True) -> dict[str, float]:
     """{name: median milliseconds per forward of ``batch`` inputs}. Rounds are interleaved
     (model a, b, c, a, b, c, ...), each model warmed up first."""
     device = torch.device(device)
-    prepared = {name: prepare(m, device) for name, m in models.items()}
-    x = example_input(batch, input_shape, device)
+    prepared = {name: prepare(m, device, channels_last) for name, m in models.items()}
+    x = example_input(batch, input_shape, device, channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for m in prepared.values():
         for _ in range(warmup):

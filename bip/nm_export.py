@@ -45,7 +45,8 @@ def sparse_kernels_available(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def to_semi_structured(model: nn.Module, layers: list[str], device: torch.device) -> tuple[nn.Module, list[str]]:
+def to_semi_structured(model: nn.Module, layers: list[str],
+                       device: torch.device) -> tuple[nn.Module, list[str]]:
     """Dense copy of ``model`` in bfloat16 on ``device`` whose listed Linear layers hold
     semi-structured sparse weights; returns it and the names converted (shapes the kernels
     reject stay dense)."""

@@ -111,7 +111,8 @@ def _step(g: Graph, node, module, ins, value, env) -> bool:
     """Record one node; False if it is not understood (the caller pins its channels)."""
     if node.op == "placeholder":
         if _channels(value) is not None:
-            g.slots[node], g.const[node], g.block[node] = g.new(_channels(value)), [False] * _channels(value), 1
+            n = _channels(value)
+            g.slots[node], g.const[node], g.block[node] = g.new(n), [False] * n, 1
             g.pin(node)
         return True
     if node.op in ("get_attr",) or (not ins and _channels(value) is None):

@@ -13,7 +13,8 @@ Status of ``ROOT/<run id>/seed_<s>/``, first rule that applies:
   blocked  config only, and the parent run (same seed) is failed or blocked
   pending  config only
 
-Columns: COLUMNS (the export ones from RUN/export.json, empty without it), then every config field as ``section.key`` (schema order, unknown ones after).
+Columns: COLUMNS (the export ones from RUN/export.json, empty without it), then every config
+field as ``section.key`` (schema order, unknown ones after).
 ``path`` is relative to ROOT, so the index does not depend on where ROOT is mounted.
 """
 from __future__ import annotations

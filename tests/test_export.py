@@ -226,8 +226,9 @@ def runs(tmp_path_factory):
     train(pre)
     out = {}
     for layer_type, k in (("filter", 0.5), ("unstructured", 0.2)):
-        prune = load_config([], base + ["run.stage=prune", "prune.method=omp", f"prune.layer_type={layer_type}",
-                                        f"prune.k={k}", f"run.parent={identity.run_id(pre)}"])
+        prune = load_config([], base + ["run.stage=prune", "prune.method=omp", f"prune.k={k}",
+                                        f"prune.layer_type={layer_type}",
+                                        f"run.parent={identity.run_id(pre)}"])
         train(prune)
         out[layer_type] = identity.run_dir(prune)
     return root, out
@@ -313,3 +314,47 @@ def test_thinned_and_nm_on_cuda():
         dense = net.to(device, torch.bfloat16)
         assert converted == ["0", "2"]
         torch.testing.assert_close(sparse(x), dense(x), atol=5e-2, rtol=5e-2)
+
+
+# -- a grid's export stage -------------------------------------------------------------------
+
+def export_grid(folder, export, **doc):
+    import yaml
+    tiny = {"dataset": "synthetic", "data.synthetic_size": 128, "data.batch_size": 32, "epochs": 1,
+            "arch": "resnet20s", "data.num_workers": 0, "train.steps_per_epoch": 2}
+    grid = {"name": "ex", "profile": "local", "set": tiny,
+            "stages": {"pretrain": {}, "prune": {}, "finetune": {"methods": ["hydra"]}, "export": export},
+            "axes": {"method": ["hydra", "omp"], "layer_type": ["filter", "unstructured"], "k": [0.5],
+                     "seed": [1]}, **doc}
+    path = folder / "ex.yml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("export,message", [
+    ({"thinn": True}, "unknown key 'thinn' (did you mean thin?)"),
+    ({"latency": [0]}, "stages.export.latency must be list of batch sizes > 0"),
+    ({"onnx": "yes"}, "stages.export.onnx must be bool"),
+])
+def test_grid_export_options_are_checked(tmp_path, export, message):
+    from bip.errors import BipError
+    from launch import sweep
+    with pytest.raises(BipError, match=__import__("re").escape(message)):
+        sweep.load_grid(export_grid(tmp_path, export), tmp_path)
+
+
+def test_grid_export_stage_thins_the_last_run_of_structured_cells(tmp_path, capsys):
+    from launch import grid, sweep
+    path, root = export_grid(tmp_path, {"thin": True, "latency": [2]}), tmp_path / "runs"
+    plan = sweep.load_grid(path, root)
+    exported = {run.key: run.export for run in plan.all_runs() if run.export}
+    # the leaves: hydra's finetunes and omp's prunes, for both layer types; thin only for filter
+    assert sorted((plan.dir(k).parent.name.split("-")[2], e["thin"]) for k, e in exported.items()) == \
+        [("finetune", False), ("finetune", True), ("prune", False), ("prune", True)]
+    assert grid.main([str(path), "--root", str(root), "--debug"]) == 0
+    rows = {r["path"]: r for r in __import__("csv").DictReader(open(root / "index.csv"))}
+    for key, options in exported.items():
+        doc = json.loads((plan.dir(key) / "export.json").read_text())
+        assert ("thin" in doc["files"]) == options["thin"] and doc["latency_batch"] == 2
+        assert rows[key]["latency_ms"] and (rows[key]["macs_thin"] != "") == options["thin"]
+    assert not any((plan.dir(r) / "export.json").exists() for r in plan.all_runs() if not r.export)
