@@ -48,12 +48,55 @@ def file_sizes(model, content, folder: Path) -> dict[str, int]:
     return sizes
 
 
+def run(arch: str, args, device: torch.device, shape: tuple) -> bool:
+    """Time and count one arch; True if it missed the goal."""
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    print(f"{arch} {shape}, {latency.device_name(device)}, {precision} "
+          f"{'NCHW' if args.nchw else 'channels_last'}, load average {latency.load_average()}")
+    print(f"{'layer':8s} {'k':>5s} {'batch':>5s} {'dense ms':>9s} {'masked ms':>9s} {'thin ms':>9s} "
+          f"{'speedup':>7s} {'MAC red.':>8s} {'ratio':>6s}  goal")
+    failed = False
+    rows = []
+    for layer_type in args.layer_types:
+        for k in args.k:
+            model, thinned, content, summary = build(arch, layer_type, k, args.input_size)
+            macs = summary["macs"]
+            reduction = macs["dense"] / macs["thin"]
+            with tempfile.TemporaryDirectory() as tmp:
+                sizes = file_sizes(model, content, Path(tmp))
+            models = {"dense": dense_copy(model), "masked": model, "thin": thinned}
+            for batch in args.batches:
+                ms = latency.compare(models, shape, batch, device, args.warmup, args.repeats,
+                                     channels_last=not args.nchw)
+                speedup = ms["dense"] / ms["thin"]
+                ratio = speedup / reduction
+                goal = ""
+                if batch == 64 and arch == "resnet18" and k == 0.5:
+                    goal = "ok" if ratio >= GOAL else f"MISSED (< {GOAL})"
+                    failed |= ratio < GOAL
+                print(f"{layer_type:8s} {k:5.2f} {batch:5d} {ms['dense']:9.2f} {ms['masked']:9.2f} "
+                      f"{ms['thin']:9.2f} {speedup:6.2f}x {reduction:7.2f}x {ratio:6.2f}  {goal}", flush=True)
+            rows.append((layer_type, k, macs, summary["params"], sizes))
+    print(f"load average after: {latency.load_average()}")
+    print(f"\n{'layer':8s} {'k':>5s} {'MACs dense':>12s} {'effective':>12s} {'thin':>12s} "
+          f"{'zero kept':>11s} {'params eff.':>11s} {'params thin':>11s} {'dense.pt':>9s} {'masked':>9s} "
+          f"{'thin.pt':>9s}")
+    for layer_type, k, macs, params, sizes in rows:
+        print(f"{layer_type:8s} {k:5.2f} {macs['dense']:12,d} {macs['effective']:12,d} {macs['thin']:12,d} "
+              f"{macs['zero_kept']:11,d} {params['effective']:11,d} {params['thin']:11,d} "
+              + " ".join(f"{sizes[n] / 2**20:7.2f}MB" for n in ("dense", "masked", "thin")))
+    count = count_params_and_macs(create_model(arch, 10, "dense"), shape)
+    print(f"(dense {arch}: {count['params_dense']:,} params, {count['macs_dense']:,} MACs per image)")
+    return failed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--arch", nargs="+", default=["resnet18"])
     p.add_argument("--layer-types", nargs="+", default=["filter", "channel"])
     p.add_argument("--k", type=float, nargs="+", default=[0.5])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 64],
+                   help="none: only the counts and file sizes")
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
@@ -66,42 +109,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shape = (3, args.input_size, args.input_size)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    print(f"{args.arch} {shape}, {latency.device_name(device)}, {precision} "
-          f"{'NCHW' if args.nchw else 'channels_last'}, load average {latency.load_average()}")
-    print(f"{'layer':8s} {'k':>5s} {'batch':>5s} {'dense ms':>9s} {'masked ms':>9s} {'thin ms':>9s} "
-          f"{'speedup':>7s} {'MAC red.':>8s} {'ratio':>6s}  goal")
     failed = False
-    rows = []
-    for layer_type in args.layer_types:
-        for k in args.k:
-            model, thinned, content, summary = build(args.arch, layer_type, k, args.input_size)
-            macs = summary["macs"]
-            reduction = macs["dense"] / macs["thin"]
-            with tempfile.TemporaryDirectory() as tmp:
-                sizes = file_sizes(model, content, Path(tmp))
-            models = {"dense": dense_copy(model), "masked": model, "thin": thinned}
-            for batch in args.batches:
-                ms = latency.compare(models, shape, batch, device, args.warmup, args.repeats,
-                                     channels_last=not args.nchw)
-                speedup = ms["dense"] / ms["thin"]
-                ratio = speedup / reduction
-                goal = ""
-                if batch == 64 and args.arch == "resnet18" and k == 0.5:
-                    goal = "ok" if ratio >= GOAL else f"MISSED (< {GOAL})"
-                    failed |= ratio < GOAL
-                print(f"{layer_type:8s} {k:5.2f} {batch:5d} {ms['dense']:9.2f} {ms['masked']:9.2f} "
-                      f"{ms['thin']:9.2f} {speedup:6.2f}x {reduction:7.2f}x {ratio:6.2f}  {goal}", flush=True)
-            rows.append((layer_type, k, macs, summary["params"], sizes))
-    print(f"load average after: {latency.load_average()}")
-    print(f"\n{'layer':8s} {'k':>5s} {'MACs dense':>12s} {'effective':>12s} {'thin':>12s} {'zero kept':>11s} "
-          f"{'params thin':>11s} {'dense.pt':>9s} {'masked':>9s} {'thin.pt':>9s}")
-    for layer_type, k, macs, params, sizes in rows:
-        print(f"{layer_type:8s} {k:5.2f} {macs['dense']:12,d} {macs['effective']:12,d} {macs['thin']:12,d} "
-              f"{macs['zero_kept']:11,d} {params['thin']:11,d} " +
-              " ".join(f"{sizes[n] / 2**20:7.2f}MB" for n in ("dense", "masked", "thin")))
-    count = count_params_and_macs(create_model(args.arch, 10, "dense"), shape)
-    print(f"(dense {args.arch}: {count['params_dense']:,} params, {count['macs_dense']:,} MACs per image)")
+    for arch in args.arch:
+        failed |= run(arch, args, device, shape)
     return 1 if failed else 0
 
 

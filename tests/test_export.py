@@ -112,6 +112,16 @@ def test_folding_the_constants_is_what_makes_it_exact():
         assert (thinned(x) - model(x)).abs().max() > 1e-2
 
 
+def test_align_keeps_layer_widths_multiples_of_8():
+    model = masked_model("resnet18", "filter", 0.2)
+    thinned, _, report = thin(model, torch.randn(1, 3, 16, 16), align=8)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (thinned(x) - model(x)).abs().max() <= 1e-4
+    widths = [m.out_channels for m in thinned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths) and min(widths) < 64
+
+
 def group_consistent_filter_masks(model: nn.Module, example, keep_fraction=0.5, seed=0):
     """Filter masks with one decision per coupled channel group (bip.thin.channel_groups)."""
     groups = channel_groups(model, example)
