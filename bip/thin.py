@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from bip.errors import BipError
 from bip.layers import MaskedLayer
 from bip.thin_graph import _BN, RULES, Graph, Tracer, analyze
 from bip.thin_modules import FoldedConv2d, conv_args, set_module
@@ -178,7 +179,11 @@ def _thin_bn(bn: _BN, keep: list[int]) -> tuple[nn.Module, dict]:
 
 
 def _trace(dense: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict, Graph]:
-    gm = fx.GraphModule(dense, Tracer().trace(dense))
+    try:
+        gm = fx.GraphModule(dense, Tracer().trace(dense))
+    except Exception as err:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, ...)
+        raise BipError(f"cannot thin {type(dense).__name__}: torch.fx cannot trace it "
+                       f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
     interpreter.run(example[:1])
     return gm, interpreter.env, analyze(gm, interpreter.env)

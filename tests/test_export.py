@@ -189,6 +189,21 @@ def test_thin_works_on_graphs_outside_the_registry():
     assert report["channel_groups_removed"] > 0
 
 
+def test_untraceable_models_fail_with_one_line():
+    from bip.errors import BipError
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x  # control flow on values: fx cannot trace
+
+    with pytest.raises(BipError, match="cannot thin DataDependent: torch.fx cannot trace it"):
+        thin(DataDependent(), torch.randn(1, 3, 8, 8))
+
+
 def test_thin_torchvision_resnet_with_zeroed_filters(tmp_path):
     """A dense model with exact zeros (no bip layers at all) thins too, and rebuilds from a
     template that is not in the registry."""
