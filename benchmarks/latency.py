@@ -11,20 +11,27 @@ CUDA: bf16 + channels_last. Prints latencies, speedup = dense / thin, the MAC re
 (dense MACs / thinned MACs), their ratio against the goal (speedup >= 0.8 x MAC reduction at
 batch 64 for CIFAR ResNet-18, filter and channel, k = 0.5), and the sizes of the three files
 on disk. The load average before and after says how busy the machine was.
+
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, unless set): on a shared, oversubscribed
+machine spinning threads steal the cores their siblings need, and two threads then ran slower
+than one (README). It applies to all three models alike.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 import tempfile
 from pathlib import Path
 
-import torch
+import torch  # noqa: E402
 
-from bip import latency, masking
-from bip.export import count_params_and_macs, dense_state_dict, export_thin
-from bip.models import create_model
-from bip.thin import dense_copy
+from bip import latency, masking  # noqa: E402
+from bip.export import count_params_and_macs, dense_state_dict, export_thin  # noqa: E402
+from bip.models import create_model  # noqa: E402
+from bip.thin import dense_copy  # noqa: E402
 
 GOAL = 0.8
 
@@ -52,7 +59,8 @@ def run(arch: str, args, device: torch.device, shape: tuple) -> bool:
     """Time and count one arch; True if it missed the goal."""
     precision = "bf16" if device.type == "cuda" else "fp32"
     print(f"{arch} {shape}, {latency.device_name(device)}, {precision} "
-          f"{'NCHW' if args.nchw else 'channels_last'}, load average {latency.load_average()}")
+          f"{'NCHW' if args.nchw else 'channels_last'}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"load average {latency.load_average()}")
     print(f"{'layer':8s} {'k':>5s} {'batch':>5s} {'dense ms':>9s} {'masked ms':>9s} {'thin ms':>9s} "
           f"{'speedup':>7s} {'MAC red.':>8s} {'ratio':>6s}  goal")
     failed = False

@@ -196,12 +196,19 @@ def input_shape_of(run_dir: Path, meta: dict, size: int | None = None) -> tuple[
     return (3, spec.image_size, spec.image_size)
 
 
-def prepare_run(run_dir: Path, thin: bool = False, input_size: int | None = None):
+def prepare_run(run_dir: Path, thin: bool = False, input_size: int | None = None,
+                nm_sparse: bool = False):
     """(masked model, meta, input shape) of a run that can be exported as asked; BipError if not."""
     from bip.errors import BipError
     model, meta = load_run(run_dir)
     if thin and meta["layer_type"] not in ("filter", "channel"):
         raise BipError(f"--thin needs a filter or channel run; {run_dir} is {meta['layer_type']}")
+    if nm_sparse:
+        from bip.nm_export import check_pattern, nm_of
+        n, m = nm_of(meta)
+        if not check_pattern(model, n, m)["nm"]:
+            raise BipError(f"--nm-sparse: no masked layer of {run_dir} keeps exactly {n} of every "
+                           f"{m} weights")
     return model, meta, input_shape_of(run_dir, meta, input_size)
 
 
@@ -211,9 +218,10 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
     """Write the exports of one finished run and ``RUN_DIR/export.json``; returns its content."""
     from bip import checkpoint
     from bip.thin import dense_copy
-    model, meta, shape = prepare_run(run_dir, thin, input_size)
-    doc: dict = {"run_id": meta.get("run_id"), "arch": meta["arch"], "layer_type": meta["layer_type"],
-                 "k": meta.get("k"), "input_shape": list(shape), "files": {}, "size_bytes": {}}
+    model, meta, shape = prepare_run(run_dir, thin, input_size, nm_sparse)
+    doc: dict = {"status": "done", "run_id": meta.get("run_id"), "arch": meta["arch"],
+                 "layer_type": meta["layer_type"], "k": meta.get("k"), "input_shape": list(shape),
+                 "files": {}, "size_bytes": {}}
     dense_state = dense_state_dict(model)
     checkpoint.save(run_dir / "dense.pt", dense_state)
     doc["files"]["dense"] = "dense.pt"
@@ -236,8 +244,10 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
         from bip.nm_export import nm_export
         doc["nm"] = nm_export(model, meta, device, log)
     if latency:
-        doc["latency"] = measure_latency(model, dense_copy(model), thinned, shape, latency, device)
-        doc.update(_headline(doc["latency"]))
+        from bip.latency import headline, measure
+        models = {"dense": dense_copy(model), "masked": model, "thin": thinned}
+        doc["latency"] = measure({k: v for k, v in models.items() if v is not None}, shape, latency, device)
+        doc.update(headline(doc["latency"]))
         log(f"latency ({doc['latency_device']}, batch {doc['latency_batch']}): thin "
             f"{doc['latency_ms']} ms, dense {doc['latency_ms_dense']} ms, speedup {doc['speedup']}x")
     checkpoint.write_json(run_dir / EXPORT, doc)
@@ -260,29 +270,6 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
         doc = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
         checkpoint.write_json(run_dir / EXPORT, doc)
         return doc
-
-
-def measure_latency(masked, dense, thinned, shape, batches, device: str) -> dict:
-    from bip import latency
-    models = {"dense": dense, "masked": masked, **({"thin": thinned} if thinned is not None else {})}
-    out = {"device": latency.device_name(torch.device(device)), "load_average": latency.load_average(),
-           "dtype": ("bf16" if device.startswith("cuda") else "fp32") + ", channels_last", "batches": {}}
-    for batch in batches:
-        ms = latency.compare(models, shape, batch, device)
-        row = {f"{k}_ms": v for k, v in ms.items()}
-        if "thin" in ms:
-            row["speedup"] = round(ms["dense"] / ms["thin"], 3)
-        out["batches"][str(batch)] = row
-    return out
-
-
-def _headline(lat: dict) -> dict:
-    """Flat fields for the index: the largest batch measured."""
-    batch = max(lat["batches"], key=int)
-    row = lat["batches"][batch]
-    return {"latency_device": lat["device"], "latency_batch": int(batch),
-            "latency_ms": row.get("thin_ms", row["masked_ms"]), "latency_ms_dense": row["dense_ms"],
-            "speedup": row.get("speedup")}
 
 
 def export_programs(thinned: nn.Module, shape, run_dir: Path, log) -> dict:
@@ -332,7 +319,7 @@ def main(argv=None) -> int:
         if any(b < 1 for b in latency):
             raise BipError("--latency batch sizes must be >= 1")
         for run_dir in args.run_dirs:  # check every folder before writing anything
-            prepare_run(run_dir, args.thin, args.input_size)
+            prepare_run(run_dir, args.thin, args.input_size, args.nm_sparse)
         for run_dir in args.run_dirs:
             export_run(run_dir, args.thin, args.onnx, latency, args.nm_sparse, args.input_size,
                        args.device, log=lambda text: print(text, file=sys.stderr))

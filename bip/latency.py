@@ -78,3 +78,28 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return None
+
+
+def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], batches: tuple[int, ...],
+            device: str = "cpu") -> dict:
+    """export.json's ``latency`` block: ``compare`` at each batch size, with the device, the
+    precision and the load average; ``speedup`` = dense / thin where both are measured."""
+    dev = torch.device(device)
+    out = {"device": device_name(dev), "load_average": load_average(),
+           "dtype": ("bf16" if dev.type == "cuda" else "fp32") + ", channels_last", "batches": {}}
+    for batch in batches:
+        ms = compare(models, input_shape, batch, dev)
+        row = {f"{k}_ms": v for k, v in ms.items()}
+        if "thin" in ms and "dense" in ms:
+            row["speedup"] = round(ms["dense"] / ms["thin"], 3)
+        out["batches"][str(batch)] = row
+    return out
+
+
+def headline(block: dict) -> dict:
+    """Flat fields for the results index, from the largest batch measured."""
+    batch = max(block["batches"], key=int)
+    row = block["batches"][batch]
+    return {"latency_device": block["device"], "latency_batch": int(batch),
+            "latency_ms": row.get("thin_ms", row.get("masked_ms")),
+            "latency_ms_dense": row.get("dense_ms"), "speedup": row.get("speedup")}

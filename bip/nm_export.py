@@ -67,11 +67,16 @@ def to_semi_structured(model: nn.Module, layers: list[str],
     return dense, converted
 
 
+def nm_of(meta: dict) -> tuple[int, int]:
+    """(N, M) of a run: its meta's ``n`` and ``m`` (prune.n / prune.m), 2:4 by default."""
+    return int(meta.get("n", 2)), int(meta.get("m", 4))
+
+
 def nm_export(model: nn.Module, meta: dict, device: str, log) -> dict:
     """Check the N:M pattern of a run's masks; convert where the hardware allows. Returns the
     ``nm`` block of export.json."""
     from bip.errors import BipError
-    n, m = int(meta.get("n", 2)), int(meta.get("m", 4))
+    n, m = nm_of(meta)
     found = check_pattern(model, n, m)
     if not found["nm"]:
         raise BipError(f"--nm-sparse: no masked layer keeps exactly {n} of every {m} weights")

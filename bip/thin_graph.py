@@ -51,7 +51,6 @@ class Graph:
     const: dict = field(default_factory=dict)       # node -> [bool]: input-independent, uniform
     block: dict = field(default_factory=dict)       # node -> features per channel (after flatten)
     pinned: set = field(default_factory=set)
-    dead: dict = field(default_factory=dict)        # producer slot -> its filter is all zero
     consumers: list = field(default_factory=list)   # (conv / linear node, its input node)
 
     def new(self, n: int) -> list[int]:
@@ -122,7 +121,7 @@ def _step(g: Graph, node, module, ins, value, env) -> bool:
         return False  # mixes in an untracked tensor (a parameter read by get_attr, ...)
     target = module if module is not None else node.target
     x = ins[0] if ins else None
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
+    if type(module) in (nn.Conv2d, nn.Linear):  # subclasses may compute more (FoldedConv2d): unknown
         if len(ins) != 1 or (isinstance(module, nn.Conv2d) and module.groups != 1) \
                 or (isinstance(module, nn.Linear) and env[x].dim() != 2):
             return False
@@ -130,9 +129,7 @@ def _step(g: Graph, node, module, ins, value, env) -> bool:
         g.consumers.append((node, x))
         g.slots[node] = g.new(w.shape[0])
         g.block[node] = 1
-        dead = w.flatten(1).abs().sum(1) == 0
-        g.const[node] = dead.tolist()
-        g.dead.update(zip(g.slots[node], dead.tolist()))
+        g.const[node] = (w.flatten(1) == 0).all(1).tolist()  # a dead filter outputs its bias
         return True
     if isinstance(module, _BN) or isinstance(module, _ALIGNED_MODULES):
         padded = isinstance(module, nn.AvgPool2d) and module.padding not in (0, (0, 0))
@@ -208,7 +205,6 @@ class _ZeroPadRule:
         half = module.extra_channels // 2
         inputs = g.slots[x]
         pads = g.new(module.extra_channels)
-        g.dead.update((s, True) for s in pads)
         g.slots[node] = pads[:half] + inputs + pads[half:]
         g.const[node] = [True] * half + g.const[x] + [True] * (module.extra_channels - half)
         g.block[node] = 1
