@@ -157,7 +157,11 @@ def load_run(run_dir: Path) -> tuple[nn.Module, dict]:
     if not (run_dir / identity.RESULT).is_file():
         raise BipError(f"{run_dir} is not a finished run (no {identity.RESULT})")
     path = run_dir / FINAL if (run_dir / FINAL).is_file() else run_dir / identity.CHECKPOINT
-    state, meta = checkpoint.source_state(path)
+    obj = checkpoint.load(path, "run model")
+    if isinstance(obj.get("model"), dict):  # {"model": state, "meta": ...}, whatever the format tag
+        state, meta = obj["model"], obj.get("meta") or {}
+    else:
+        state, meta = checkpoint.source_state(path)
     meta = {**_result_meta(run_dir), **meta}
     if "num_classes" not in meta:
         raise BipError(f"{path} is not a bip run checkpoint (no meta.num_classes)")

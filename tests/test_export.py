@@ -295,6 +295,19 @@ def test_export_cli_thin_writes_files_and_index_columns(runs, capsys):
     assert int(row["macs_thin"]) == doc["macs"]["thin"] and row["latency_device"]
 
 
+def test_export_reads_the_published_final_pt_when_there_is_one(runs, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[1]["unstructured"], run_dir)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    final = {"format": "bip-final-1", "meta": ckpt["meta"],
+             "model": {k: v + 1 if k == "fc.bias" else v for k, v in ckpt["model"].items()}}
+    torch.save(final, run_dir / "final.pt")
+    assert main([str(run_dir)]) == 0
+    dense = torch.load(run_dir / "dense.pt", weights_only=True)
+    torch.testing.assert_close(dense["fc.bias"], ckpt["model"]["fc.bias"] + 1)
+
+
 def test_export_cli_thin_refuses_unstructured_and_touches_nothing(runs, capsys):
     run_dir = runs[1]["unstructured"]
     before = sorted(p.name for p in run_dir.iterdir())
