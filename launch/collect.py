@@ -13,7 +13,8 @@ Status of ``ROOT/<run id>/seed_<s>/``, first rule that applies:
   blocked  config only, and the parent run (same seed) is failed or blocked
   pending  config only
 
-Columns: COLUMNS, then every config field as ``section.key`` (schema order, unknown ones after).
+Columns: COLUMNS (the export ones from RUN/export.json, empty without it), then every config
+field as ``section.key`` (schema order, unknown ones after).
 ``path`` is relative to ROOT, so the index does not depend on where ROOT is mounted.
 """
 from __future__ import annotations
@@ -37,13 +38,17 @@ from bip.identity import CHECKPOINT, CONFIG, ERROR, METRICS, RESULT  # noqa: E40
 from launch import plots as plotting  # noqa: E402
 
 INDEX, SUMMARY = "index.csv", "summary.md"
+# From RUN/export.json (python -m bip.export, or a grid's export stage), when there is one.
+EXPORT, EXPORT_COLUMNS = "export.json", (
+    "params_thin", "macs_thin", "latency_ms", "latency_ms_dense", "speedup", "latency_batch",
+    "latency_device")
 STATUSES = ("done", "running", "failed", "blocked", "pending", "corrupt")
 COLUMNS = (
     "status", "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
-    "epochs", "wall_time_s", "device", "world_size", "git_sha", "git_dirty", "slurm_job_id",
-    "host", "started", "error", "path",
+    *EXPORT_COLUMNS, "epochs", "wall_time_s", "device", "world_size", "git_sha", "git_dirty",
+    "slurm_job_id", "host", "started", "error", "path",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
 _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
@@ -125,6 +130,8 @@ def read_run(root: Path, rel: str) -> dict:
         row.update({key: result.get(key) for key in _FROM_RESULT if key in result})
         sparsity = result.get("sparsity")  # null for dense runs
         row["kept_fraction"] = sparsity.get("kept_fraction") if isinstance(sparsity, dict) else None
+    if EXPORT in names:
+        row.update(_export_fields(folder))
     row["run_id"] = row.get("run_id") or run_id  # the folder name is the id when files lack it
     problem = "; ".join(p for p in (config_problem, result_problem) if p)
     if problem:
@@ -171,6 +178,17 @@ def _read_result(folder: str, names: set[str]) -> tuple[dict | None, str | None]
     except ValueError:
         return None, f"{RESULT} is not valid JSON"
     return (result, None) if isinstance(result, dict) else (None, f"{RESULT} is not a JSON object")
+
+
+def _export_fields(folder: str) -> dict:
+    """The export columns; an unreadable export.json leaves them empty (the run is still done)."""
+    try:
+        doc = json.loads(_read(folder, EXPORT))
+        fields = {"params_thin": (doc.get("params") or {}).get("thin"),
+                  "macs_thin": (doc.get("macs") or {}).get("thin")}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {**fields, **{key: doc.get(key) for key in EXPORT_COLUMNS[2:]}}
 
 
 def _read(folder: str, name: str) -> bytes:
