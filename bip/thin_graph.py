@@ -138,6 +138,11 @@ def _step(g: Graph, node, module, ins, value, env) -> bool:
         return len(ins) == 1 and RULES[type(module)].analyze(g, node, module, x)
     if isinstance(module, nn.Flatten) or target in _FLATTEN:
         return len(ins) == 1 and _flatten(g, node, x, env[x], value)
+    if target in ("size", "dim") and _channels(value) is None:
+        return True  # shape queries: read at run time, so a thinner tensor answers for itself
+    if target is F.avg_pool2d:  # zero padding makes a constant input non-uniform at the borders
+        padding = node.kwargs.get("padding", node.args[3] if len(node.args) > 3 else 0)
+        return len(ins) == 1 and _inherit(g, node, x, const=padding in (0, (0, 0)))
     if target in _ALIGNED_FUNCTIONS or target in _ALIGNED_METHODS:
         return len(ins) == 1 and _channels(value) == _channels(env[x]) and _inherit(g, node, x)
     if target in _BINARY:
