@@ -1,8 +1,9 @@
 """Training-loader throughput: bip's ffcv stream vs torchvision ImageFolder + DataLoader on the
-same JPEGs (goal: ffcv >= 3x).
+same JPEGs (goal: ffcv >= 3x); with --tensor, BiP epochs through the in-memory tensor loader.
 
     python benchmarks/loader_throughput.py [--images 2400] [--workers 2] [--res 128]
                                            [--epochs 5] [--jpeg-fraction 0.5]
+    python benchmarks/loader_throughput.py --tensor [--images 45000] [--batch-size 128]
 
 Writes N JPEGs (ImageNet-like decode work: 320x240, photo-like content, quality 90) as an
 ImageFolder and a .beton of them, then times one training epoch of each loader: (a) the ffcv
@@ -13,6 +14,10 @@ Both hand float32 NCHW batches to the device. The first epoch is a warm-up (numb
 ffcv's pipeline; workers start); the figures are medians over the others: images/s, and
 images per CPU-second of this process and its workers (on a shared machine wall time also
 measures the neighbours; the load average is printed).
+
+--tensor: a CIFAR-sized synthetic training split (--images, 32x32) on the device (CUDA when
+present), both of BiP's streams (pad-crop + flip + normalise on the device), as the training
+loop reads them; images/s over each epoch, the device synchronised at its end only.
 """
 from __future__ import annotations
 
@@ -83,6 +88,24 @@ def torchvision_epochs(folder: Path, args, device: torch.device) -> list[float]:
     return [_timed(batches(), device) for _ in range(args.epochs)]
 
 
+def tensor_epochs(args, device: torch.device) -> list[tuple[float, float]]:
+    from bip.config import load_config
+    from bip.data import load_dataset
+    from bip.data.loaders import build_loaders
+    cfg = load_config([], ["data.dataset=synthetic", f"data.synthetic_size={args.images}",
+                           f"data.batch_size={args.batch_size}", "data.normalize=true",
+                           "data.val_fraction=0"]).data
+    loaders = build_loaders(cfg, load_dataset(cfg), seed=0, streams=2, rank=0, world=1, device=device)
+
+    def bip_epoch(epoch):
+        for a, b in zip(*(s.epoch(epoch) for s in loaders.streams)):
+            yield a
+            yield b
+    print(f"tensor loader: {args.images} images 32x32, BiP's 2 streams x {len(loaders.streams[0])} "
+          f"steps x {args.batch_size}, {device}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return [_timed(bip_epoch(e), device) for e in range(args.epochs)]
+
+
 def _timed(batches, device: torch.device) -> tuple[float, float]:
     """(images per second, images per CPU-second) of one epoch. CPU time is this process's
     (all threads) plus its worker processes', read from /proc on Linux."""
@@ -122,12 +145,18 @@ def main(argv=None) -> int:
                    ".beton, the rest raw: 0.5 as `write --dataset ImageNet` (ffcv-imagenet's "
                    "recipe); 1 = all JPEG, the same decode work as torchvision; 0 = all raw")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bip-loader-throughput"))
+    p.add_argument("--tensor", action="store_true", help="time the in-memory tensor loader instead")
     args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tensor:
+        per_epoch = tensor_epochs(args, device)
+        print(f"tensor       {statistics.median(r for r, _ in per_epoch[1:]):7.0f} images/s  "
+              f"(epochs: {', '.join(f'{r:.0f}' for r, _ in per_epoch)}; first = warm-up)")
+        return 0
     from bip.data.ffcv import require_ffcv
     require_ffcv()
     from bip.data.ffcv_write import source_split, write_beton
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = tuple(int(v) for v in args.size.split("x"))
     folder = make_jpegs(args.workdir / "images", args.images, args.classes, size)
     beton = args.workdir / f"train-{args.images}-{args.size}-jpeg{args.jpeg_fraction:g}.beton"

@@ -34,11 +34,7 @@ def build(arch: str, method: str, device: torch.device, precision: str, layer_ty
     cfg = load_config([], overrides)
     torch.manual_seed(0)
     model = create_model(arch, 10, "dense" if stage == "pretrain" else layer_type).to(device)
-    m = create_method(cfg, model)
-    if precision == "bf16":
-        from accelerate import Accelerator
-        m.attach(model, Accelerator(cpu=device.type == "cpu", mixed_precision="bf16"))
-    return m, cfg
+    return create_method(cfg, model), cfg  # train.mixed_precision sets the method's autocast
 
 
 def sync(device):

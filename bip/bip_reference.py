@@ -1,8 +1,14 @@
-"""BiP as the released code runs it (OPTML-Group/BiP trainer/bilevel.py), quirk for quirk.
+"""BiP and its HYDRA baseline as the released code runs them (OPTML-Group/BiP trainer/bilevel.py
+and trainer/base.py), quirk for quirk, bitwise in float64 (tests/test_methods.py).
 
-Use ``bip.variant=reference`` to match published numbers or to check against that code in
-float64; the default ``paper`` variant (bip.methods.BipPaper) implements the paper's update.
-What is reproduced (../shared/reference/bip-reference-code.md, sections 2.4, 4 and 8):
+Use ``bip.variant=reference`` (BiP) or ``prune.variant=reference`` (HYDRA) to match published
+numbers or to check against that code; the default ``paper`` variants (bip.methods.BipPaper,
+bip.methods.Hydra) implement the papers' updates. HYDRA's reference variant (HydraReference) is
+the released ``--trainer base`` prune run: the same score init (aliasing or the 1/sqrt(k)
+rescale, below), ONE SGD optimizer over all parameters with per-epoch lrs (cosine with the
+(epoch - 1) offset), weights and biases frozen but moved through the aliased scores, BN affine
+trained (unless prune.train_bn=false), the floor((1 - k) n) count rule.
+What BipReference reproduces (../shared/reference/bip-reference-code.md, sections 2.4, 4 and 8):
 
 - Aliasing (A1): with --scaled-score-init the scores ARE the weights (one storage), so every
   update of either moves both and the mask is the top-k of |W| after each update. Without it,
@@ -37,19 +43,26 @@ from bip.methods import Method, all_reduce_grads, bn_parameters
 from bip.optim import make_optimizer, reference_lr, set_lr
 
 
+def released_score_init(cfg: Config, model: nn.Module) -> None:
+    """train.py of the released code in prune mode: with --scaled-score-init (our
+    score_init=magnitude) the scores ARE the weights; otherwise the scores keep their random init
+    and every conv / linear weight is multiplied by 1/sqrt(k)."""
+    if cfg.prune.score_init == "magnitude":
+        masking.alias_scores_to_weights(model)
+    else:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.weight.mul_(1.0 / math.sqrt(cfg.prune.k))
+
+
 class BipReference(Method):
     streams = 2
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
         o, b = cfg.optim, cfg.bip
-        if cfg.prune.score_init == "magnitude":
-            masking.alias_scores_to_weights(model)
-        else:
-            with torch.no_grad():
-                for m in model.modules():
-                    if isinstance(m, (nn.Conv2d, nn.Linear)):
-                        m.weight.mul_(1.0 / math.sqrt(cfg.prune.k))
+        released_score_init(cfg, model)
         self.params = list(model.parameters())
         for p in self.params:
             p.requires_grad_(True)
@@ -103,14 +116,49 @@ class BipReference(Method):
         self._trainable(scores=True, weights=False)
         self.upper.zero_grad(set_to_none=False)
         self._backward(x_t, y_t)
-        # 4. slot-wise "implicit gradient": G = gM - lr2 * gM * gB, then the mask step.
+        # 4. slot-wise "implicit gradient": G = gM + (-lr2 * gM) * gB, in the released code's op
+        #    order (another order rounds differently, which channel masks amplify).
         with torch.no_grad():
             for p, g_b in g_full.items():
                 if p.grad is not None:
-                    p.grad.add_(p.grad * g_b, alpha=-self.cfg.bip.lr2)
+                    p.grad.add_((-self.cfg.bip.lr2 * p.grad) * g_b)
         self.upper.step()
         self.refresh()
         # 5. the released code's logging forward (moves BN running statistics once more).
         with torch.no_grad(), self._autocast():
             out = self.model(x_t)
         return self._stats(loss_t, out, y_t)
+
+
+class HydraReference(Method):
+    """HYDRA as the released BiP code's ``--trainer base`` prune run (module docstring)."""
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        o = cfg.optim
+        released_score_init(cfg, model)
+        bn = {id(p) for p in bn_parameters(model)}
+        scores = masking.all_score_ids(model)
+        for p in model.parameters():  # prepare_model(prune): freeze weights and biases
+            p.requires_grad_(id(p) in scores or (id(p) in bn and cfg.prune.train_bn))
+        self.params = list(model.parameters())
+        # Over ALL parameters, as released: a frozen tensor never gets a grad slot, so SGD skips
+        # it, but with aliasing its storage moves with the scores.
+        self.opt = make_optimizer(o.optimizer, self.params, o.lr, o.momentum, o.wd, foreach=False)
+        self.optimizers = {"scores": self.opt}
+        masking.refresh_masks(self.core, cfg.prune.k, rule="reference")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        o = self.cfg.optim
+        set_lr(self.opt, reference_lr(o.lr_schedule, o.lr, epoch, self.epochs()))
+
+    def step(self, batches, progress):
+        x, y = batches[0]
+        with self._no_sync():
+            loss, out = self._loss(x, y)
+            self.opt.zero_grad(set_to_none=False)
+            loss.backward()
+        all_reduce_grads(self.params)
+        self.opt.step()
+        masking.refresh_masks(self.core, self.cfg.prune.k, rule="reference")
+        return self._stats(loss, out, y)

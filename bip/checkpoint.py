@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ def load(path: str | Path, what: str = "checkpoint") -> dict:
     if not path.is_file():
         raise BipError(f"{what} not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 129": the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as err:
         raise BipError(f"{what} {path} is corrupt or not a torch checkpoint "
@@ -44,11 +47,14 @@ def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state_dict, meta) of a model to start from: our checkpoint, the reference
     code's checkpoint ({'state_dict': ...}), or a bare state_dict."""
     obj = load(path, "source checkpoint")
-    if obj.get("format") == FORMAT:
-        return obj["model"], obj.get("meta", {})
-    state = obj.get("state_dict", obj)
+    ours = obj.get("format") == FORMAT
+    state = obj.get("model") if ours else obj.get("state_dict", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BipError(f"source checkpoint {path} holds no model state_dict")
+        raise BipError(f"source checkpoint {path} holds no model state_dict"
+                       + (" (its 'model' entry is missing or not a dict of tensors)" if ours else ""))
+    if ours:
+        meta = obj.get("meta", {})
+        return state, meta if isinstance(meta, dict) else {}
     # DataParallel / DDP prefixes from other tools.
     return {k.removeprefix("module."): v for k, v in state.items()}, {}
 

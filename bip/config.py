@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,7 @@ from typing import Any, Iterable
 import yaml
 
 from bip.errors import BipError
+from bip.names import check_name, check_root_text
 
 STAGES = ("pretrain", "prune", "finetune")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
@@ -30,11 +32,20 @@ def _check_choice(name: str, value: str, choices: Iterable[str]) -> None:
         raise BipError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
-def _check_range(name: str, value: float, low: float, high: float, low_open=False) -> None:
-    bad = value <= low if low_open else value < low
-    if bad or value > high:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
+def _check_range(name: str, value: float, low: float, high: float, low_open=False,
+                 high_open=False) -> None:
+    bad_low = value <= low if low_open else value < low
+    bad_high = value >= high if high_open else value > high
+    if bad_low or bad_high or math.isnan(value):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise BipError(f"{name}={value} is out of range {interval}")
+
+
+def _check_min(section: object, prefix: str, low: float, names: Iterable[str]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not value >= low:
+            raise BipError(f"{prefix}.{name} must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -62,9 +73,9 @@ class DataConfig:
         _check_choice("data.loader", self.loader, ("auto", "tensor", "torch", "ffcv"))
         _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
         _check_range("data.data_fraction", self.data_fraction, 0.0, 1.0, low_open=True)
-        for name in ("batch_size", "test_batch_size", "synthetic_size"):
-            if getattr(self, name) < 1:
-                raise BipError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        check_name("data.dataset", self.dataset)
+        _check_min(self, "data", 1, ("batch_size", "test_batch_size", "synthetic_size"))
+        _check_min(self, "data", 0, ("num_workers", "split_seed", "image_size"))
         if self.min_res < 0 or self.start_ramp < 0 or self.end_ramp < self.start_ramp:
             raise BipError("need data.min_res >= 0 and 0 <= data.start_ramp <= data.end_ramp")
         if self.min_res and self.loader != "ffcv":
@@ -78,6 +89,10 @@ class ModelConfig:
     arch: str = "resnet20s"
     num_classes: int = 0            # 0 = the dataset's number of classes
 
+    def __post_init__(self):
+        check_name("model.arch", self.arch)
+        _check_min(self, "model", 0, ("num_classes",))
+
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -87,6 +102,7 @@ class PruneConfig:
     score_init: str = "kaiming"     # magnitude (--scaled-score-init) | hydra | kaiming
     train_bn: bool = True           # hydra: train BatchNorm affine with the scores
     imp_rate: float = 0.2           # imp: fraction of the remaining weights pruned per round
+    variant: str = "paper"          # hydra: paper | reference (the released BiP code's HYDRA run)
     scope: str = "global"           # unstructured budget: global (one top-k) | layer (k per layer)
     min_layer_keep: float = 0.0     # global scope: per-layer floor, a fraction (< 1) or count (>= 1)
     skip: str = ""                  # layers left dense: comma list of first, last|classifier, names
@@ -96,6 +112,7 @@ class PruneConfig:
 
     def __post_init__(self):
         _check_choice("prune.method", self.method, METHODS)
+        _check_choice("prune.variant", self.variant, ("paper", "reference"))
         _check_choice("prune.layer_type", self.layer_type, LAYER_TYPES)
         _check_choice("prune.score_init", self.score_init, SCORE_INITS)
         _check_range("prune.k", self.k, 0.0, 1.0, low_open=True)
@@ -143,6 +160,8 @@ class BipConfig:
         _check_choice("bip.mask_lr_schedule", self.mask_lr_schedule, ("cosine", "step"))
         if not self.gamma > 0:
             raise BipError(f"bip.gamma must be > 0 (inf drops the implicit-gradient term), got {self.gamma}")
+        _check_min(self, "bip", 0, ("alpha", "beta", "lower_wd", "upper_wd", "lr2", "mask_lr"))
+        _check_range("bip.momentum", self.momentum, 0.0, 1.0, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -161,6 +180,8 @@ class OptimConfig:
         _check_choice("optim.lr_schedule", self.lr_schedule, ("cosine", "step", "constant"))
         if self.lr < 0 or self.wd < 0 or self.warmup_epochs < 0:
             raise BipError("optim.lr, optim.wd and optim.warmup_epochs must be >= 0")
+        _check_min(self, "optim", 0, ("warmup_lr",))
+        _check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,8 @@ class TrainConfig:
     deterministic: bool = False     # cuDNN deterministic algorithms (recorded, never implied)
     steps_per_epoch: int = 0        # > 0 caps each epoch (benchmarks, smoke runs); 0 = full
     rewind_epoch: int = -1          # pretrain: epoch whose weights IMP rewinds to (-1: 5% of epochs)
+    max_nonfinite_steps: int = 0    # steps with a non-finite loss/weight/score skipped before the
+                                    # run stops (0: the first one stops it; bip.nonfinite)
 
     def __post_init__(self):
         if self.mixed_precision == "no":  # accelerate's spelling
@@ -178,6 +201,9 @@ class TrainConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
         if self.epochs < 0 or self.steps_per_epoch < 0:
             raise BipError("train.epochs and train.steps_per_epoch must be >= 0")
+        _check_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
+        _check_min(self, "train", 0, ("max_nonfinite_steps",))
+        _check_min(self, "train", -1, ("rewind_epoch",))
 
 
 @dataclass(frozen=True)
@@ -193,6 +219,9 @@ class RunConfig:
 
     def __post_init__(self):
         _check_choice("run.stage", self.stage, STAGES)
+        check_root_text("run.result_dir", self.result_dir)
+        _check_range("run.seed", self.seed, 0, 2**32 - 1)
+        _check_min(self, "run", 1, ("print_freq",))
         if self.source_net and self.parent:
             raise BipError("give either run.source_net or run.parent, not both")
 
@@ -291,6 +320,19 @@ def _unknown(key: str) -> BipError:
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+# Float fields where inf means something (bip.gamma=inf switches the implicit-gradient term off);
+# NaN never does, and inf anywhere else is a typo or an overflow.
+_INFINITE_OK = {"bip.gamma"}
+
+
+def _number(value: Any) -> int | float:
+    """An int when the text is one (exact beyond 2**53), else a float."""
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    return float(value)
 
 
 def _coerce(kind: type, value: Any, key: str) -> Any:
@@ -306,16 +348,21 @@ def _coerce(kind: type, value: Any, key: str) -> Any:
         if kind is int:
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, int):
-                return value
-            number = float(value)  # accepts "10", "1e3" and 10.0, not 2.5
-            if not number.is_integer():
+            number = value if isinstance(value, int) else _number(value)  # "10", "1e3", 10.0, not 2.5
+            if isinstance(number, float) and not number.is_integer():
                 raise ValueError
+            if abs(number) >= 2**63:  # what torch and numpy can hold
+                raise BipError(f"{key}={value!r} is too large (at most 2**63 - 1)")
             return int(number)
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if math.isnan(number):
+                raise BipError(f"{key}={value!r} is not a number (NaN)")
+            if math.isinf(number) and key not in _INFINITE_OK:
+                raise BipError(f"{key}={value!r} must be finite (only bip.gamma may be inf)")
+            return number
         if kind is str:
             if value is None:
                 return ""
@@ -352,7 +399,13 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise BipError(f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise BipError(f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise BipError(f"{path}: not UTF-8 text (byte {err.start}); a YAML file is expected") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
@@ -398,7 +451,13 @@ def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] 
 # Command line of `python -m bip.train`: the seed README's flags + key=value.
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a BipError (one line, exit 2), not a usage dump."""
+    """argparse whose usage errors are a BipError (one line, exit 2), not a usage dump.
+    Abbreviations are refused: ``--epoch`` must not silently mean ``--epochs`` (nor ``--lay``
+    a layer type), since a later flag could make the abbreviation ambiguous or mean another."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise BipError(f"{self.prog}: {message}")
@@ -425,6 +484,7 @@ def argument_parser(prog: str = "bip-train") -> argparse.ArgumentParser:
 
 
 def config_from_argv(argv: list[str] | None = None) -> Config:
-    args = argument_parser().parse_args(argv)
+    # Intermixed: key=value overrides may stand before, between and after the flags.
+    args = argument_parser().parse_intermixed_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("configs", "overrides") and v is not None}
     return load_config(args.configs, args.overrides, flags)

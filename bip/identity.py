@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import fields
 from pathlib import Path
 
 from bip.config import SECTIONS, Config
+from bip.names import safe_component  # noqa: F401  (the one name -> folder mapping, re-exported)
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
 MASK, RESULT, ERROR, REWIND = "mask.pt", "result.json", "error.json", "rewind.pt"
@@ -28,7 +30,10 @@ _NOT_HASHED = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "data.train_beton",
     "data.val_beton", "run.seed", "run.exp_name", "run.result_dir", "run.resume",
     "run.print_freq", "run.source_net",
-    "prune.on_collapse",  # stops a run or not; never changes what a finished run computed
+    # A tolerance: it decides whether a diverging run stops, never what a finished run computed,
+    # so raising it resumes the stopped run in its own folder.
+    "train.max_nonfinite_steps",
+    "prune.on_collapse",  # likewise: whether a disconnected network stops the run
 }
 _PAPER_ONLY = {"bip.alpha", "bip.beta", "bip.gamma", "bip.lower_wd", "bip.upper_wd", "bip.momentum"}
 _REFERENCE_ONLY = {"bip.lr2", "bip.mask_lr", "bip.mask_lr_schedule"}
@@ -42,12 +47,13 @@ def _unused(cfg: Config) -> set[str]:
     if stage == "pretrain":
         return {"prune.*", "bip.*"}
     if stage == "finetune":
-        return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate"}
+        return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate",
+                "prune.variant"}
     unused = set()
     if method != "bip":
         unused.add("bip.*")
     if method != "hydra":
-        unused.add("prune.train_bn")
+        unused |= {"prune.train_bn", "prune.variant"}
     if method != "imp":
         unused.add("prune.imp_rate")
     if method not in ("hydra", "bip"):
@@ -90,7 +96,9 @@ def config_hash(cfg: Config) -> str:
 
 def run_id(cfg: Config) -> str:
     method = cfg.prune.method if cfg.run.stage == "finetune" else cfg.method
-    return f"{cfg.data.dataset}-{cfg.model.arch}-{cfg.run.stage}-{method}-{config_hash(cfg)}"
+    dataset = safe_component(cfg.data.dataset, "data.dataset")
+    arch = safe_component(cfg.model.arch, "model.arch")
+    return f"{dataset}-{arch}-{cfg.run.stage}-{method}-{config_hash(cfg)}"
 
 
 def run_dir(cfg: Config, root: str | Path | None = None) -> Path:
@@ -127,7 +135,19 @@ def config_yaml(cfg: Config, provenance: dict | None = None) -> str:
 
     Written in JSON syntax, which is YAML too: people and yaml.safe_load read it as YAML, and
     the results index parses 10,000 of them with the json module in about a second (a YAML
-    parser needs ten)."""
+    parser needs ten). A non-finite float (``bip.gamma=inf``) is written as the string "inf":
+    json's ``Infinity`` is neither strict JSON nor a YAML number, and the config loader coerces
+    "inf" back to the float."""
     doc = {"run_id": run_id(cfg), "parent_id": cfg.run.parent, "hashed": hashed_fields(cfg),
            "config": cfg.to_dict(), "provenance": provenance or {}}
-    return json.dumps(doc, indent=1) + "\n"
+    return json.dumps(_finite_json(doc), indent=1, allow_nan=False) + "\n"
+
+
+def _finite_json(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan"
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value

@@ -9,6 +9,7 @@ tensors (loss, correct, n) so the loop syncs with the device only when it logs.
 | dense    | everything (pretrain)                    | none                                 |
 | finetune | weights, biases, BN; pruned weights = 0  | fixed, from the source               |
 | hydra    | scores (+ BN affine); weights frozen     | top-k of |scores|, every step        |
+|  (ref.)  | prune.variant=reference: the released HYDRA run (bip.bip_reference.HydraReference) |
 | bip      | lower: weights on batch V; upper: scores | top-k of |scores|, every step        |
 | omp      | nothing (one-shot, finetune afterwards)  | magnitude (global, per layer or N:M) |
 | random   | nothing (one-shot, finetune afterwards)  | random                               |
@@ -50,6 +51,13 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
         g.copy_(synced)
 
 
+def autocast(cfg: Config, device_type: str):
+    """Mixed precision for one run (train.mixed_precision): torch.autocast, not accelerate's,
+    because accelerate keeps ONE precision per process (AcceleratorState), so a second run with
+    another precision in the same process (the --debug executor, library users) would fail."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
+
+
 class Method:
     streams = 1          # training streams read per step (BiP: 2)
     one_shot = False     # True: the run trains nothing (epochs are skipped)
@@ -57,6 +65,8 @@ class Method:
     def __init__(self, cfg: Config, model: nn.Module):
         self.cfg, self.core, self.model = cfg, model, model
         self.accelerator = None
+        first = next(model.parameters(), None)
+        self.device_type = first.device.type if first is not None else "cpu"
         last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.num_classes = last_linear[-1].out_features if last_linear else 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -85,7 +95,7 @@ class Method:
 
     # helpers -------------------------------------------------------------------------------
     def _autocast(self):
-        return self.accelerator.autocast() if self.accelerator else contextlib.nullcontext()
+        return autocast(self.cfg, self.device_type)
 
     def _no_sync(self):
         no_sync = getattr(self.model, "no_sync", None)
@@ -235,9 +245,7 @@ class Imp(Dense):
         super().__init__(cfg, model)
         if cfg.train.epochs < 1:
             raise BipError("imp needs train.epochs >= 1 (epochs per round)")
-        mask_state = {f"{name}.{leaf}" for name, _ in masking.masked_layers(model)
-                      for leaf in ("scores", "mask")}
-        self.rewind_state = {k: v for k, v in rewind_state.items() if k not in mask_state}
+        self.rewind_state = _rewind_weights(model, rewind_state)
         self.rounds = imp_rounds(cfg.prune.k, cfg.prune.imp_rate)
 
     def epochs(self) -> int:
@@ -253,13 +261,31 @@ class Imp(Dense):
             for _, m in masking.masked_layers(self.core):
                 m.scores.copy_(m.weight.abs() * m.mask)  # pruned weights rank last
         masking.refresh_masks(self.core, self.density(epoch // self.cfg.train.epochs))
-        missing, _ = self.core.load_state_dict(self.rewind_state, strict=False)
+        # Scores and masks are this run's own (the rewind source is dense); everything else was
+        # checked to be present at construction, so a partial rewind cannot pass unnoticed.
+        self.core.load_state_dict(self.rewind_state, strict=False)
         masking.zero_pruned_weights(self.core)
         self.opt.state.clear()  # a new round starts with fresh momentum
 
     def step(self, batches, progress):
         round_epochs = self.cfg.train.epochs
         return self._sgd_step(self.opt, batches[0], self._lr(progress % round_epochs, round_epochs))
+
+
+def _rewind_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rewind state without scores and masks; every other tensor of ``model`` must be in it
+    with its shape, and nothing else may be (a one-line BipError otherwise)."""
+    own = {f"{name}.{part}" for name, _ in masking.masked_layers(model) for part in ("scores", "mask")}
+    want = {k: v.shape for k, v in model.state_dict().items() if k not in own}
+    state = {k: v for k, v in state.items() if k not in own}
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = [k for k in want if k in state and state[k].shape != want[k]]
+    if missing or unexpected or wrong:
+        raise BipError("imp: rewind.pt does not fit this model: "
+                       + "; ".join(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                                   for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                      ("wrong shape", wrong)) if keys))
+    return state
 
 
 def imp_rounds(k: float, rate: float) -> int:
@@ -273,6 +299,9 @@ def create_method(cfg: Config, model: nn.Module, rewind_state: dict | None = Non
         return Dense(cfg, model)
     method = cfg.prune.method
     if method == "hydra":
+        if cfg.prune.variant == "reference":
+            from bip.bip_reference import HydraReference
+            return HydraReference(cfg, model)
         return Hydra(cfg, model)
     if method == "bip":
         if cfg.bip.variant == "reference":

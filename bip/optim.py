@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+import numpy as np
 import torch
 
 
@@ -31,11 +32,14 @@ def lr_at(schedule: str, base: float, progress: float, epochs: int, warmup_epoch
 
 
 def reference_lr(schedule: str, base: float, epoch: int, epochs: int) -> float:
-    """The released code's per-epoch schedules (utils/schedules.py), quirks included."""
+    """The released code's per-epoch schedules (utils/schedules.py), quirks included, in its
+    op order (np.cos of (e - 1) / E * pi; base * 0.1, not base / 10) so that it is bitwise equal."""
     if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
+        return float(base * 0.5 * (1 + np.cos((epoch - 1) / epochs * np.pi)))
     if schedule == "step":
-        return base if epoch < 0.5 * epochs else base / 10 if epoch < 0.75 * epochs else base / 100
+        return base if epoch < 0.5 * epochs else base * 0.1 if epoch < 0.75 * epochs else base * 0.01
+    if schedule == "constant":
+        return base
     raise ValueError(f"unknown reference lr schedule {schedule!r}")
 
 

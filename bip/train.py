@@ -23,12 +23,14 @@ import torch.nn.functional as F
 
 from bip import checkpoint, collapse, identity, masking
 from bip.config import Config, config_from_argv
-from bip.data import describe_dataset, load_dataset
+from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
 from bip.errors import BipError
 from bip.export import count_params_and_macs
-from bip.methods import create_method
+from bip.methods import autocast, create_method
 from bip.models import create_model, model_builder
+from bip.names import check_root
+from bip.nonfinite import NonFiniteGuard
 from bip.provenance import provenance, seed_everything
 
 Hook = Callable[[str, dict], None]
@@ -77,9 +79,11 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
                   accelerator)
 
     state = {"epoch": 0, "step": 0, "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None},
-             "wall_time_s": 0.0}
+             "wall_time_s": 0.0, "nonfinite_steps": 0}
     if resuming:
         state = _resume(resume_path, method, state)
+    guard = NonFiniteGuard(method.core, method.optimizers.values(), cfg.train.max_nonfinite_steps,
+                           accelerator.device, state["nonfinite_steps"])
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text(run_dir / identity.CONFIG, identity.config_yaml(cfg, provenance(accelerator)))
@@ -100,12 +104,17 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
         for i, batch in enumerate(log.wrap(batches, steps, f"epoch {epoch + 1}/{epochs}")):
             if i >= steps:
                 break
+            guard.before_step()
             stats = method.step(list(batch), epoch + i / steps)
+            guard.after_step(stats["loss"], state["step"])
             totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
             state["step"] += 1
+            if state["step"] % cfg.run.print_freq == 0:  # a logging point: the one sync allowed
+                guard.check(epoch)
             if hook:
                 hook("step", {"epoch": epoch, "step": state["step"], "model": model})
-        last = _evaluate(model, loaders, accelerator)
+        state["nonfinite_steps"] = guard.check(epoch)  # before anything of this epoch is saved
+        last = _evaluate(model, loaders, accelerator, cfg)
         last.update(epoch=epoch + 1, step=state["step"], time_s=round(time.time() - t0, 3),
                     train_loss=_mean(totals, "loss"), train_acc=_mean(totals, "correct"))
         last.update(collapse.record(method.core, loaders.input_shape, f"epoch {epoch + 1}", log.line))
@@ -123,7 +132,7 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
         if hook:
             hook("epoch", {"epoch": epoch + 1, "metrics": last, "model": model})
     if last is None:  # nothing trained (one-shot methods, or epochs=0): evaluate once
-        last = _evaluate(model, loaders, accelerator)
+        last = _evaluate(model, loaders, accelerator, cfg)
         last.update(collapse.record(method.core, loaders.input_shape, "mask", log.line))
         collapse.enforce(last, cfg.prune.on_collapse, "mask")
         if main:
@@ -214,7 +223,7 @@ def rewind_epoch(cfg: Config) -> int:
 # -- evaluation, checkpoints, results ----------------------------------------------------------
 
 @torch.no_grad()
-def _evaluate(model, loaders, accelerator) -> dict:
+def _evaluate(model, loaders, accelerator, cfg: Config) -> dict:
     _sync_batchnorm_stats(model)
     model.eval()
     out = {}
@@ -223,7 +232,7 @@ def _evaluate(model, loaders, accelerator) -> dict:
             continue
         sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
         for x, y in batches():
-            with accelerator.autocast():
+            with autocast(cfg, accelerator.device.type):
                 logits = model(x)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             sums += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
@@ -254,14 +263,15 @@ def _checkpoint(cfg: Config, method, state: dict) -> dict:
     return {"format": checkpoint.FORMAT, "model": method.core.state_dict(),
             "method": method.state_dict(), "rng": checkpoint.rng_state(),
             "epoch": state["epoch"], "step": state["step"], "best": state["best"],
-            "wall_time_s": state["wall_time_s"], "meta": _meta(cfg, method.num_classes)}
+            "wall_time_s": state["wall_time_s"], "nonfinite_steps": state["nonfinite_steps"],
+            "meta": _meta(cfg, method.num_classes)}
 
 
 def _meta(cfg: Config, num_classes: int) -> dict:
     return {"stage": cfg.run.stage, "method": _method_label(cfg),
             "layer_type": cfg.prune.layer_type, "k": cfg.prune.k, "arch": cfg.model.arch,
             "dataset": cfg.data.dataset, "run_id": identity.run_id(cfg), "seed": cfg.run.seed,
-            "num_classes": num_classes}
+            "num_classes": num_classes, "n": cfg.prune.n, "m": cfg.prune.m}  # n, m: N:M masks
 
 
 def _method_label(cfg: Config) -> str:
@@ -273,13 +283,20 @@ def _resume(path: Path, method, state: dict) -> dict:
     ckpt = checkpoint.load(path, "resume checkpoint")
     if ckpt.get("format") != checkpoint.FORMAT:
         raise BipError(f"{path} is not a bip checkpoint (cannot resume from it)")
+    lacking = [k for k in ("model", "method", "rng", "epoch", "step", "best", "wall_time_s") if k not in ckpt]
+    if lacking:
+        raise BipError(f"{path} cannot be resumed from: it lacks {', '.join(lacking)}")
     try:
         method.core.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise BipError(f"{path} does not match this run's model/method ({type(err).__name__})") from None
-    checkpoint.set_rng_state(ckpt["rng"])
-    return {k: ckpt[k] for k in ("epoch", "step", "best", "wall_time_s")}
+    try:
+        checkpoint.set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise BipError(f"{path} holds an unusable RNG state ({type(err).__name__})") from None
+    return {**{k: ckpt[k] for k in ("epoch", "step", "best", "wall_time_s")},
+            "nonfinite_steps": int(ckpt.get("nonfinite_steps", 0))}
 
 
 def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
@@ -299,6 +316,7 @@ def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
         **count_params_and_macs(model, loaders.input_shape),
         "wall_time_s": round(state["wall_time_s"] if state["epoch"] else elapsed, 3),
         "device": device, "world_size": accelerator.num_processes,
+        "nonfinite_steps": state["nonfinite_steps"],  # skipped (train.max_nonfinite_steps)
     }
 
 
@@ -365,14 +383,25 @@ def _accelerator(cfg: Config):
     # averaged before each evaluation instead; the masks are identical on every rank). accelerate
     # only knows the flag's old name, which newer torch reports as deprecated.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
-    precision = {"fp32": "no", "bf16": "bf16"}[cfg.train.mixed_precision]
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+    # Device placement and DDP only: mixed precision is per run (bip.methods.autocast), since
+    # accelerate fixes one precision per process and a second run with another one would fail.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def check_names(cfg: Config) -> None:
+    """Registry names and the result folder, before anything is written: a typo in --arch,
+    --dataset or --result-dir creates no folder (bip.names checked the charset already)."""
+    model_builder(cfg.model.arch)
+    check_dataset(cfg.data.dataset)
+    check_root("run.result_dir", cfg.run.result_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = resolve(config_from_argv(argv))
+        cfg = config_from_argv(argv)
+        check_names(cfg)
+        cfg = resolve(cfg)
         run_dir = identity.run_dir(cfg)
         result = train(cfg, run_dir)
     except BipError as err:

@@ -13,12 +13,12 @@ Status of ``ROOT/<run id>/seed_<s>/``, first rule that applies:
   blocked  config only, and the parent run (same seed) is failed or blocked
   pending  config only
 
-Columns: COLUMNS, then every config field as ``section.key`` (schema order, unknown ones after).
+Columns: COLUMNS (the export ones from RUN/export.json, empty without it), then every config
+field as ``section.key`` (schema order, unknown ones after).
 ``path`` is relative to ROOT, so the index does not depend on where ROOT is mounted.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -32,19 +32,23 @@ if __package__ in (None, ""):  # run as `python launch/collect.py`: make `launch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bip.atomic import write_bytes as write_atomic  # noqa: E402
-from bip.config import SECTIONS  # noqa: E402
+from bip.config import SECTIONS, OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
 from bip.identity import CHECKPOINT, CONFIG, ERROR, METRICS, RESULT  # noqa: E402
 from launch import plots as plotting  # noqa: E402
 
 INDEX, SUMMARY = "index.csv", "summary.md"
+# From RUN/export.json (python -m bip.export, or a grid's export stage), when there is one.
+EXPORT, EXPORT_COLUMNS = "export.json", (
+    "params_thin", "macs_thin", "latency_ms", "latency_ms_dense", "speedup", "latency_batch",
+    "latency_device")
 STATUSES = ("done", "running", "failed", "blocked", "pending", "corrupt")
 COLUMNS = (
     "status", "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
-    "epochs", "wall_time_s", "device", "world_size", "git_sha", "git_dirty", "slurm_job_id",
-    "host", "started", "error", "path",
+    *EXPORT_COLUMNS, "epochs", "wall_time_s", "device", "world_size", "git_sha", "git_dirty",
+    "slurm_job_id", "host", "started", "error", "path",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
 _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
@@ -126,6 +130,8 @@ def read_run(root: Path, rel: str) -> dict:
         row.update({key: result.get(key) for key in _FROM_RESULT if key in result})
         sparsity = result.get("sparsity")  # null for dense runs
         row["kept_fraction"] = sparsity.get("kept_fraction") if isinstance(sparsity, dict) else None
+    if EXPORT in names:
+        row.update(_export_fields(folder))
     row["run_id"] = row.get("run_id") or run_id  # the folder name is the id when files lack it
     problem = "; ".join(p for p in (config_problem, result_problem) if p)
     if problem:
@@ -172,6 +178,17 @@ def _read_result(folder: str, names: set[str]) -> tuple[dict | None, str | None]
     except ValueError:
         return None, f"{RESULT} is not valid JSON"
     return (result, None) if isinstance(result, dict) else (None, f"{RESULT} is not a JSON object")
+
+
+def _export_fields(folder: str) -> dict:
+    """The export columns; an unreadable export.json leaves them empty (the run is still done)."""
+    try:
+        doc = json.loads(_read(folder, EXPORT))
+        fields = {"params_thin": (doc.get("params") or {}).get("thin"),
+                  "macs_thin": (doc.get("macs") or {}).get("thin")}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {**fields, **{key: doc.get(key) for key in EXPORT_COLUMNS[2:]}}
 
 
 def _read(folder: str, name: str) -> bytes:
@@ -273,13 +290,13 @@ def index_csv(rows: list[dict]) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="collect.py", description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, metavar="ROOT", help="the runs folder")
     parser.add_argument("--plots", action="store_true",
                         help="also write ROOT/summary.md and one PNG per dataset/arch/layer type")
     parser.add_argument("--out", type=Path, help="folder for the PNGs (default: ROOT/plots)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         index, rows = _collect(args.root, args.plots, args.out)
     except (BipError, OSError) as err:  # OSError: e.g. ROOT is read-only
         print(f"error: {err}", file=sys.stderr)

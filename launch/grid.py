@@ -20,8 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/grid.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bip import catalogue  # noqa: E402
 from bip.config import OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
+from bip.names import check_root  # noqa: E402
 from launch import profiles, state, submit, sweep  # noqa: E402
 
 
@@ -58,11 +60,14 @@ def run(args: argparse.Namespace) -> int:
         raise BipError("--hold submits held Slurm jobs: not with --wait, --local or --debug")
     plan = sweep.load_grid(args.grid, args.root)
     resources = stage_resources(plan, args.profile, executor)
+    if not args.status:
+        check_names(plan)  # a dry run validates every cell as a submission would
     manifest = state.read_manifest(plan)
     states = state.run_states(plan, manifest, slurm=shutil.which("sacct") is not None)
     if args.status:
         print_status(plan, states)
         return 0
+    check_root("root", plan.root)  # writable: every run folder goes under it
     runs, stale = state.select(plan, states, args.only_failed)
     print_plan(plan, states, runs, resources, executor)
     if args.dry_run:
@@ -77,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
         if args.wait and live:
             submit.wait_slurm(sorted(set(live.values())))
         return finish(plan, state.read_manifest(plan), wait=args.wait or executor != "slurm")
-    check_names(plan)
     if executor == "slurm" and shutil.which("sbatch") is None:
         raise BipError("sbatch not found: this is not a Slurm login node (use --local or --debug)")
     for run_ in stale:
@@ -143,16 +147,13 @@ def stage_resources(plan: sweep.Plan, profile: str | None, executor: str) -> dic
 
 
 def check_names(plan: sweep.Plan) -> None:
-    """Unknown arch or dataset names fail here, not in a thousand jobs (imports torch)."""
-    from bip.data import DATASETS
-    from bip.models import MODELS, list_models
-    for run in plan.all_runs():
-        if run.cfg.model.arch not in MODELS:
-            raise BipError(f"grid {plan.name}: unknown arch {run.cfg.model.arch!r}; choose one of: "
-                           + ", ".join(list_models()))
-        if run.cfg.data.dataset not in DATASETS:
-            raise BipError(f"grid {plan.name}: unknown dataset {run.cfg.data.dataset!r}; choose one of: "
-                           + ", ".join(sorted(DATASETS)))
+    """Unknown arch or dataset names fail here, not in a thousand jobs (bip.catalogue: no torch)."""
+    for arch, dataset in sorted({(r.cfg.model.arch, r.cfg.data.dataset) for r in plan.all_runs()}):
+        try:
+            catalogue.check_arch(arch)
+            catalogue.check_dataset(dataset)
+        except BipError as err:
+            raise BipError(f"grid {plan.name}: {err}") from None
 
 
 def print_plan(plan, states, runs, resources, executor) -> None:

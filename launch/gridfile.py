@@ -11,6 +11,7 @@ A grid is a mapping::
       pretrain: {configs: [configs/{dataset}/pretrain.yml], set: {...}, resources: {...}}
       prune:    {configs: ["configs/{dataset}/{method}.yml"]}
       finetune: {configs: [configs/{dataset}/finetune.yml], methods: [hydra]}
+      export:   {thin: true, latency: [1, 64], onnx: false}   # optional: see EXPORT_KEYS
     axes: {arch: [resnet18], k: [0.5, 0.1], method: [bip, hydra], seed: [1, 2]}   # product
     zip:  {optim.lr: [0.1, 0.01], bip.gamma: [1, 10]}     # advanced together, x the product
 
@@ -19,6 +20,11 @@ Axis keys are dataset, arch, layer_type, k, seed, method, a seed-README flat key
 child trains the same model on the same data); prune.* reaches prune and finetune; any other
 key reaches only the swept stage (prune, or pretrain in a pretrain-only grid) so that sweeping
 a prune knob never splits the shared pretrain; ``key@stage[,stage]`` names the stages itself.
+
+``stages.export`` is not a training stage: the last run of each cell (its finetune, else its
+prune) exports itself at the end of its own job (``python -m bip.export`` with these options;
+``thin`` only where the cell is filter / channel pruned), so a structured sweep ends with
+thinned models and their latency in the index.
 """
 from __future__ import annotations
 
@@ -43,6 +49,9 @@ _TRANSLATED = {"trainer": "prune.method", "scaled_score_init": "prune.score_init
 # A child trains the same model on the same data with the same seed as its parent.
 LINEAGE = ("data.dataset", "model.arch", "model.num_classes", "run.seed")
 GRID_KEYS = ("name", "profile", "root", "set", "resources", "stages", "axes", "zip")
+# stages.export: option -> (type, default), the arguments of bip.export.export_run.
+EXPORT_KEYS = {"thin": (bool, True), "onnx": (bool, False), "latency": (list, [64]),
+               "nm_sparse": (bool, False), "input_size": (int, 0)}
 STAGE_KEYS = {"pretrain": ("configs", "set", "resources"), "prune": ("configs", "set", "resources"),
               "finetune": ("configs", "set", "resources", "methods")}
 
@@ -80,8 +89,8 @@ def mapping(value: Any, where: str) -> dict:
 
 
 def stages_of(value: Any, where: str) -> dict[str, dict]:
-    stages = mapping(value, f"{where}: stages")
-    check_keys(stages, STAGES, f"{where}: stages")
+    stages = {k: v for k, v in mapping(value, f"{where}: stages").items() if k != "export"}
+    check_keys(stages, STAGES + ("export",), f"{where}: stages")
     if not stages:
         raise BipError(f"{where}: no stages; give pretrain and/or prune (and optionally finetune)")
     if "finetune" in stages and "prune" not in stages:
@@ -98,6 +107,26 @@ def stages_of(value: Any, where: str) -> dict[str, dict]:
             if not isinstance(methods, list) or not set(methods) <= set(METHODS):
                 raise BipError(f"{where}: stages.finetune.methods must list some of: {', '.join(METHODS)}")
             out[stage] = {**spec, "configs": configs, "methods": methods}
+    return out
+
+
+def export_of(value: Any, where: str) -> dict | None:
+    """The validated ``stages.export`` options with defaults filled in, or None."""
+    stages = mapping(value, f"{where}: stages")
+    if "export" not in stages:
+        return None
+    spec = mapping(stages["export"], f"{where}: stages.export")
+    check_keys(spec, tuple(EXPORT_KEYS), f"{where}: stages.export")
+    out = {}
+    for key, (kind, default) in EXPORT_KEYS.items():
+        value = spec.get(key, default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is list:
+            ok = ok and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)
+        if not ok:
+            raise BipError(f"{where}: stages.export.{key} must be {kind.__name__}"
+                           + (" of batch sizes > 0" if kind is list else ""))
+        out[key] = value
     return out
 
 

@@ -35,7 +35,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __init__(self, max_requeues: int = 3):
         self.max_requeues = max_requeues
 
-    def __call__(self, config: dict, run_dir: str, parent_dir: str | None = None) -> dict:
+    def __call__(self, config: dict, run_dir: str, parent_dir: str | None = None,
+                 export: dict | None = None) -> dict:
         if parent_dir and not (Path(parent_dir) / identity.RESULT).is_file():
             # Written nowhere on purpose: the run folder keeps only its config, so the
             # status reads "blocked" (parent failed), not "failed"; Slurm still sees an error.
@@ -45,6 +46,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         from bip.train import train  # torch: only on the node
         digest = _StateDigest() if world > 1 else None
         result = train(config_from_dict(config), Path(run_dir), hook=digest)
+        if export and rank == 0:
+            from bip.export import export_finished_run  # the grid's export stage (gridfile.py)
+            export_finished_run(Path(run_dir), export, log=lambda text: print(text, file=sys.stderr))
         summary = {"run_dir": run_dir, "rank": rank, "world_size": world,
                    "test_acc": result.get("test_acc"), "state_digest": digest.value if digest else None}
         if digest and digest.value:

@@ -5,10 +5,12 @@ point, the others turn entries into markdown and PNG bytes, and collect writes t
 matplotlib is optional (``pip install -e '.[plots]'``) and only imported to draw, on the Agg
 canvas, so no display or global backend is touched.
 
-Which runs count, per (dataset, arch, layer_type, method, k, seed): the last stage available,
-i.e. the finetune run if one is done, else the prune run. Only done runs count. The dense
-reference of a (dataset, arch) is every done pretrain run of it. Mean and std are over the
-points of a (method, k): std is the sample std (n - 1), 0 for a single point.
+Curves and points (``_curves``): a curve is one method with one setting, i.e. everything that
+differs between runs except the seed and k (a swept bip.gamma or bip.variant gives one legend
+entry per value); a point is one k of a curve, averaged over seeds, and uses ONE stage: its
+finetune runs if it has any (done or not), else its prune runs. Only done runs count. The dense
+reference of a (dataset, arch) is every done pretrain run of it. Mean and std are over the seeds
+of a point: std is the sample std (n - 1), 0 for a single point.
 """
 from __future__ import annotations
 
@@ -21,45 +23,139 @@ from collections import defaultdict
 
 from bip.errors import BipError
 
-_LAST_STAGE = ("finetune", "prune")  # preferred first
 # Sparsity ticks (percent) the x axis may label; -log10(k) spreads 20 % ... 99.9 % evenly.
 _TICKS = (0, 20, 50, 70, 80, 90, 95, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99)
+_PANEL = ("dataset", "arch", "layer_type")
+# Hashed fields that are not a curve's setting: the x axis, the lineage link, what the panel and
+# the method already say. The seed is never hashed: seeds are what a point averages over.
+_NOT_A_SETTING = {"prune.k", "run.parent", "run.source_sha256", "run.stage", "data.dataset",
+                  "model.arch", "prune.layer_type", "prune.method"}
 
 
-def final_points(rows: list[dict]) -> list[dict]:
-    """The rows that stand for each (dataset, arch, layer_type, method, k, seed): the finetune
-    runs if any is done, else the prune runs. Several runs for one key (e.g. two settings of
-    another hyperparameter) are all kept, and a warning says they are pooled."""
-    groups = defaultdict(list)
+def _setting(row: dict, cache: dict) -> tuple:
+    """The result-affecting settings of a run (bip.identity.hashed_fields of its config: the
+    fields that differ from their defaults and that its stage and method read) as sorted pairs,
+    minus _NOT_A_SETTING."""
+    from bip.identity import _NOT_HASHED
+    fields = tuple(sorted((k, v) for k, v in row.items() if "." in k and k not in _NOT_HASHED))
+    if fields not in cache:
+        from bip.config import build_config
+        from bip.identity import hashed_fields
+        try:
+            hashed = hashed_fields(build_config([(k, v, "index") for k, v in fields if v is not None]))
+        except BipError:  # a config of another bip version: its own fields, as written
+            hashed = {k: v for k, v in fields}
+        cache[fields] = tuple(sorted((k, v) for k, v in hashed.items() if k not in _NOT_A_SETTING))
+    return cache[fields]
+
+
+def _curves(rows: list[dict]) -> dict[tuple, dict]:
+    """The pruned curves: {(dataset, arch, layer_type, method, setting): {k: (stage, [rows])}}.
+
+    A point (one k of one curve) is ONE stage for all its seeds: the finetune runs when the
+    point has any (done or not, so that a grid still running never mixes finetuned and
+    unfinetuned seeds in one mean), else the prune runs; only done runs count. A curve's setting
+    is everything its runs' ids cover except the seed and k: its own fields and, prefixed with
+    the stage, those of its prune and pretrain ancestors, so a swept bip.gamma or bip.variant
+    gives one curve per value, finetuned or not."""
+    by_path = {row.get("path"): row for row in rows}
+    cache: dict = {}
+    examples = {}  # curve -> one of its prune rows (labels tell which fields it reads)
+
+    def lineage(row: dict, prefix: str) -> tuple:
+        seed = str(row.get("path", "/")).split("/")[-1]
+        parent = by_path.get(f"{row.get('parent_id')}/{seed}") if row.get("parent_id") else None
+        own = tuple((f"{prefix}{k}", v) for k, v in _setting(row, cache))
+        return own + (lineage(parent, f"{parent.get('stage')}:") if parent else ())
+
+    points: dict[tuple, dict[str, list]] = defaultdict(lambda: {"prune": [], "finetune": []})
     for row in rows:
-        if row.get("status") == "done" and row.get("stage") in _LAST_STAGE:
-            key = tuple(row.get(c) for c in ("dataset", "arch", "layer_type", "method", "k", "seed"))
-            groups[key].append(row)
-    points = []
-    for key, group in sorted(groups.items(), key=lambda item: repr(item[0])):
-        stage = next(s for s in _LAST_STAGE if any(r["stage"] == s for r in group))
-        chosen = [r for r in group if r["stage"] == stage]
-        if len(chosen) > 1:
-            print(f"warning: {len(chosen)} {stage} runs for {'/'.join(map(str, key))}; pooled",
-                  file=sys.stderr)
-        points += chosen
-    return points
+        stage = row.get("stage")
+        if stage not in ("prune", "finetune") or _number(row.get("k")) is None:
+            continue
+        seed = str(row.get("path", "/")).split("/")[-1]
+        parent = by_path.get(f"{row.get('parent_id')}/{seed}") if row.get("parent_id") else None
+        if stage == "finetune":  # the point is its prune run's; the finetune's own fields split it
+            prune_setting = lineage(parent, "") if parent else ()
+            tuned = tuple((f"finetune:{k}", v) for k, v in _setting(row, cache))
+        else:
+            prune_setting, tuned = lineage(row, ""), ()
+        key = tuple(row.get(c) for c in (*_PANEL, "method")) + (tuple(sorted(prune_setting)),)
+        points[key + (row["k"],)][stage].append((tuned, row))
+        examples.setdefault(key[:4] + (key[4] + tuned,), parent if stage == "finetune" else row)
+    curves: dict[tuple, dict] = defaultdict(dict)
+    for key, stages in points.items():
+        stage = "finetune" if stages["finetune"] else "prune"
+        groups = defaultdict(list)
+        for tuned, row in stages[stage]:
+            if row.get("status") == "done":
+                groups[tuned].append(row)
+            else:
+                groups.setdefault(tuned, [])
+        for tuned, chosen in groups.items():
+            seeds = [str(r.get("seed")) for r in chosen]
+            if len(seeds) != len(set(seeds)):
+                print(f"warning: several {stage} runs of one seed for {'/'.join(map(str, key[:4]))} "
+                      f"k={key[-1]}; pooled", file=sys.stderr)
+            curves[key[:-2] + (key[-2] + tuned,)][key[-1]] = (stage, chosen)
+    return {key: {"points": points_, "example": examples.get(key)} for key, points_ in curves.items()}
+
+
+def _labels(curves: dict[tuple, dict]) -> dict[tuple, str]:
+    """A legend entry per curve: the method, plus the settings in which curves of that method
+    (in that panel) differ, e.g. ``bip (bip.gamma=10.0, bip.variant=paper)``; a default value is
+    shown where the curve's runs read that field (bip.gamma is not shown for the reference
+    variant, which ignores it)."""
+    from bip.config import Config
+    defaults = Config().to_dict()
+    labels = {}
+    for key, curve in curves.items():
+        settings = [dict(other[4]) for other in curves if other[:4] == key[:4]]
+        varying = sorted({k for s in settings for k in s if len({repr(t.get(k)) for t in settings}) > 1})
+        mine, unused = dict(key[4]), _unused_fields(curve["example"])
+        parts = []
+        for name in varying:
+            section, _, field = name.rsplit(":", 1)[-1].partition(".")
+            if name in mine:
+                parts.append(f"{name}={mine[name]}")
+            elif ":" in name or not (name in unused or f"{section}.*" in unused):
+                parts.append(f"{name}={defaults.get(section, {}).get(field, 'default')}")
+        labels[key] = f"{key[3]} ({', '.join(parts)})" if parts else str(key[3])
+    return labels
+
+
+def _unused_fields(row: dict | None) -> set[str]:
+    """The config fields a run's stage and method do not read (bip.identity), {} if unknown."""
+    if row is None:
+        return set()
+    from bip.config import build_config
+    from bip.identity import _NOT_HASHED, _unused
+    try:
+        return _unused(build_config([(k, v, "index") for k, v in row.items()
+                                     if "." in k and k not in _NOT_HASHED and v is not None]))
+    except BipError:
+        return set()
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One entry per (dataset, arch, layer_type, method, k), the dense reference first in each
-    panel: n, stages used, mean/std test accuracy, mean measured kept fraction."""
+    """One entry per (panel, curve, k), the dense reference first in each panel: n, the stage
+    used, mean/std test accuracy, mean measured kept fraction; ``curve`` is the legend label."""
     dense = _group(r for r in rows if r.get("status") == "done" and r.get("stage") == "pretrain")
-    curves = _group(final_points(rows))
+    curves = _curves(rows)
+    labels = _labels(curves)
     panels = sorted({key[:3] for key in curves}, key=repr)
     covered = {panel[:2] for panel in panels}
     # A (dataset, arch) with only pretrain runs still gets its dense line in the summary.
     panels += sorted({key[:2] + ("dense",) for key in dense if key[:2] not in covered}, key=repr)
     entries = []
     for panel in panels:
-        entries += [_stats(panel, key, dense[key]) for key in dense if key[:2] == panel[:2]]
-        entries += [_stats(panel, key, curves[key]) for key in sorted(curves, key=_curve_order)
-                    if key[:3] == panel]
+        entries += [_stats(panel, "dense", key[4], dense[key], "dense")
+                    for key in dense if key[:2] == panel[:2]]
+        for key in sorted((c for c in curves if c[:3] == panel), key=lambda c: (str(c[3]), labels[c])):
+            points = curves[key]["points"]
+            for k in sorted(points, key=lambda k: -_number(k, 0.0)):
+                stage, runs = points[k]
+                entries.append(_stats(panel, key[3], k, runs, labels[key], stage))
     return entries
 
 
@@ -71,16 +167,12 @@ def _group(rows) -> dict[tuple, list[dict]]:
     return dict(sorted(groups.items(), key=lambda item: repr(item[0])))
 
 
-def _curve_order(key: tuple) -> tuple:
-    return (str(key[3]), -_number(key[4], 0.0))
-
-
-def _stats(panel: tuple, key: tuple, runs: list[dict]) -> dict:
+def _stats(panel: tuple, method: str, k, runs: list[dict], curve: str, stage: str | None = None) -> dict:
     accs = [float(r["test_acc"]) for r in runs if _number(r.get("test_acc")) is not None]
     kept = [float(r["kept_fraction"]) for r in runs if _number(r.get("kept_fraction")) is not None]
     return {
-        "dataset": panel[0], "arch": panel[1], "layer_type": panel[2], "method": key[3], "k": key[4],
-        "stage": "+".join(sorted({str(r.get("stage")) for r in runs}, key=_stage_rank)),
+        "dataset": panel[0], "arch": panel[1], "layer_type": panel[2], "method": method, "k": k,
+        "curve": curve, "stage": stage or "+".join(sorted({str(r.get("stage")) for r in runs}, key=_stage_rank)),
         "n": len(accs), "test_acc_mean": statistics.fmean(accs) if accs else None,
         "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
         "kept_fraction_mean": statistics.fmean(kept) if kept else None,
@@ -115,7 +207,7 @@ def summary_markdown(entries: list[dict]) -> str:
         acc = f"{e['test_acc_mean']:.2f} ± {e['test_acc_std']:.2f}" if e["n"] else ""
         kept = "" if e["kept_fraction_mean"] is None else f"{e['kept_fraction_mean']:.4f}"
         k = f"{e['k']:g}" if _number(e["k"]) is not None else str(e["k"])
-        lines.append(f"| {e['method']} | {k} | {_sparsity(e['k'])} | {acc} | {e['n']} | {kept} "
+        lines.append(f"| {e['curve']} | {k} | {_sparsity(e['k'])} | {acc} | {e['n']} | {kept} "
                      f"| {e['stage']} |")
     return "\n".join(lines) + "\n" if lines else "No finished runs yet.\n"
 
@@ -153,10 +245,10 @@ def _draw(ax, panel: tuple, curves: list[dict], dense: list[dict]) -> None:
             mean, std = e["test_acc_mean"], e["test_acc_std"]
             ax.axhspan(mean - std, mean + std, color="0.5", alpha=0.2, lw=0)
             ax.axhline(mean, color="0.3", ls="--", lw=1, label=f"dense (n={e['n']})")
-    by_method = defaultdict(list)
+    by_curve = defaultdict(list)
     for e in curves:
-        by_method[e["method"]].append(e)
-    for method, points in sorted(by_method.items()):
+        by_curve[e["curve"]].append(e)
+    for method, points in sorted(by_curve.items()):
         points.sort(key=lambda e: -e["k"])
         ax.errorbar([-math.log10(e["k"]) for e in points], [e["test_acc_mean"] for e in points],
                     yerr=[e["test_acc_std"] for e in points], marker="o", ms=4, capsize=3, label=method)

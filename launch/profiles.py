@@ -8,6 +8,7 @@ from the profile.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 
 from bip.config import read_yaml
@@ -92,8 +93,8 @@ def _coerce(key: str, value: object, where: str) -> object:
         if not isinstance(value, bool):
             raise bad
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-        raise bad
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+        raise bad  # NaN and inf too: a time or a memory size must be a finite number
     if kind is int and value != int(value):
         raise bad
     return kind(value)

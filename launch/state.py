@@ -30,7 +30,7 @@ STATES = ("done", "running", "pending", "failed", "blocked", "started", "waiting
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING",
           "CONFIGURING", "SUSPENDED", "RESIZING", "PREEMPTED", "SIGNALING", "STAGE_OUT",
           "READY"}
-OUTPUTS = (identity.RESULT, identity.CHECKPOINT, identity.MASK, identity.METRICS, identity.ERROR)
+OUTPUTS = (identity.RESULT, identity.CHECKPOINT, identity.MASK, identity.METRICS, identity.ERROR, identity.REWIND)
 
 
 def file_state(run_dir: Path) -> str:

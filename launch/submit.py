@@ -66,7 +66,8 @@ def submit_slurm(plan: Plan, runs: list[Run], resources: dict, known_jobs: dict[
             try:
                 with executor.batch():
                     jobs = [executor.submit(TrainJob(p["max_requeues"]), run.cfg.to_dict(),
-                                            str(plan.dir(run)), _parent_dir(plan, run)) for run in chunk]
+                                            str(plan.dir(run)), _parent_dir(plan, run), run.export)
+                            for run in chunk]
             except Exception as err:  # sbatch refused: report it with what did get submitted
                 lines = [line for line in str(err).splitlines() if line.strip()]
                 return job_ids, arrays, f"sbatch failed for stage {stage}: {lines[-1] if lines else err}"
@@ -168,7 +169,7 @@ def run_local(plan: Plan, runs: list[Run], resources: dict, workers: int, log: L
     def start(run: Run):
         job = TrainJob(resources[run.stage]["max_requeues"])
         jobs.append(executors[run.stage].submit(job, run.cfg.to_dict(), str(plan.dir(run)),
-                                                _parent_dir(plan, run)))
+                                                _parent_dir(plan, run), run.export))
         return jobs[-1]
     try:
         return run_dag(plan, runs, start, workers, log)
@@ -183,7 +184,7 @@ def run_debug(plan: Plan, runs: list[Run], log: Log = _say) -> dict[str, str]:
     """In-process and one at a time: breakpoints work, tracebacks print here."""
     def start(run: Run) -> _Done:
         try:
-            TrainJob()(run.cfg.to_dict(), str(plan.dir(run)), _parent_dir(plan, run))
+            TrainJob()(run.cfg.to_dict(), str(plan.dir(run)), _parent_dir(plan, run), run.export)
         except Exception:  # the run's folder has error.json; show why and go on with the grid
             print(traceback.format_exc(limit=3), file=sys.stderr, flush=True)
         return _Done()

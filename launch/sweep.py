@@ -9,6 +9,7 @@ from its prune run; a child must share its parent's dataset, arch and seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from pathlib import Path
 from bip import identity
 from bip.config import FLAT_KEYS, Config, build_config, flatten_yaml, read_yaml
 from bip.errors import BipError
-from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key, label,
-                             mapping, stages_of)
+from bip.names import check_name, check_root
+from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key,
+                             export_of, label, mapping, stages_of)
 
 __all__ = ["STAGES", "Plan", "Run", "load_grid", "find_file"]
 
@@ -33,6 +35,7 @@ class Run:
     key: str
     parent: str | None
     label: str  # the axis values of the first cell that needs this run
+    export: dict | None = None  # a cell's last run: bip.export.export_run options (stages.export)
 
 
 @dataclass(frozen=True)
@@ -59,17 +62,20 @@ def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
         raise BipError(f"grid file not found: {path}")
     doc = read_yaml(path)
     check_keys(doc, GRID_KEYS, f"{path}")
-    name = str(doc.get("name") or path.stem)
+    # The name becomes <root>/_grids/<name>.json (and Slurm job names).
+    name = check_name(f"{path}: grid name (set `name:`)", doc.get("name") or path.stem, prefix=False)
     where = f"grid {name}"
     stages = stages_of(doc.get("stages"), where)
     axes, groups = axes_of(doc, stages, where)
     cells = [sum(combo, ()) for combo in itertools.product(*groups)]
-    root = Path(root if root is not None else doc.get("root") or "runs").expanduser().resolve()
+    given = root if root is not None else doc.get("root") or "runs"
+    root = check_root("--root" if root is not None else f"{where}: root", given, writable=False).resolve()
     common = mapping(doc.get("set"), f"{where}: set")
     resources = {s: {**mapping(doc.get("resources"), f"{where}: resources"),
                      **mapping(stages[s].get("resources"), f"{where}: stages.{s}.resources")}
                  for s in stages}
-    runs = _expand(name, stages, cells, common, root, where)
+    runs = _with_export(_expand(name, stages, cells, common, root, where),
+                        export_of(doc.get("stages"), where))
     return Plan(name=name, path=path, root=root, profile=str(doc.get("profile") or ""),
                 resources=resources, runs=runs, cells=len(cells))
 
@@ -182,6 +188,20 @@ def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Pat
             runs[stage].setdefault(key, run)
             parent = run
     return {stage: list(by_key.values()) for stage, by_key in runs.items()}
+
+
+def _with_export(runs: dict[str, list[Run]], export: dict | None) -> dict[str, list[Run]]:
+    """Attach the export options to the last run of every cell (a run no other run names as its
+    parent); ``thin`` only where the cell is filter / channel pruned."""
+    if export is None:
+        return runs
+    parents = {run.parent for stage_runs in runs.values() for run in stage_runs}
+
+    def options(run: Run) -> dict:
+        return {**export, "thin": export["thin"] and run.cfg.prune.layer_type in ("filter", "channel")}
+    return {stage: [run if run.key in parents or stage == "pretrain" else
+                    dataclasses.replace(run, export=options(run)) for run in stage_runs]
+            for stage, stage_runs in runs.items()}
 
 
 def _check_lineage(parent: Run, cfg: Config, stage: str, text: str, where: str) -> None:

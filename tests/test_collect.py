@@ -165,7 +165,9 @@ def test_summary_uses_the_last_stage_and_right_means(tmp_path: Path):
     entries = {(e["method"], e["k"]): e for e in plots.summarize(collect.scan(tmp_path))}
     dense, hydra, bip = entries[("dense", 1.0)], entries[("hydra", 0.1)], entries[("bip", 0.1)]
     assert (dense["n"], dense["test_acc_mean"]) == (2, 91.0)
-    assert (hydra["n"], hydra["test_acc_mean"], hydra["stage"]) == (2, 83.5, "prune+finetune")
+    # seed 1's finetune is done, seed 2's failed: the point is the finetune stage alone, never a
+    # mean of one finetuned and one unfinetuned seed
+    assert (hydra["n"], hydra["test_acc_mean"], hydra["stage"]) == (1, 85.0, "finetune")
     assert (bip["n"], bip["test_acc_mean"], bip["test_acc_std"]) == (3, 87.0, 1.0)
     assert bip["kept_fraction_mean"] == pytest.approx(0.101)
     table = plots.summary_markdown(plots.summarize(collect.scan(tmp_path)))
@@ -217,3 +219,30 @@ def test_config_files_read_as_yaml_and_json(tmp_path):
     (folder / identity.CONFIG).write_text(yaml.safe_dump(json.loads(text), sort_keys=False))
     row = collect.scan(tmp_path)[0]
     assert row["status"] == "done" and row["prune.k"] == 0.05 and row["method"] == "bip"
+
+
+def test_swept_settings_are_separate_curves_and_stages_never_mix(tmp_path: Path):
+    """bip.gamma swept (1 is the default), bip.variant swept, seeds pooled per setting; a hydra
+    point whose finetune is still pending for one seed shows only the finished finetune."""
+    pre = identity.run_id(config())
+    for seed in (1, 2):
+        write_run(tmp_path, config(seed=seed))
+        for k in (0.5, 0.1):
+            for gamma, acc in ((1.0, 80.0), (10.0, 70.0)):
+                write_run(tmp_path, config("prune", "bip", k, seed=seed, parent=pre,
+                                           **{"bip.gamma": gamma}), test_acc=acc + seed)
+            write_run(tmp_path, config("prune", "bip", k, seed=seed, parent=pre,
+                                       **{"bip.variant": "reference"}), test_acc=60.0 + seed)
+            write_run(tmp_path, config("prune", "hydra", k, seed=seed, parent=pre), test_acc=50.0)
+    hydra = identity.run_id(config("prune", "hydra", 0.5, parent=pre))
+    write_run(tmp_path, config("finetune", "hydra", 0.5, seed=1, parent=hydra), test_acc=85.0)
+    write_run(tmp_path, config("finetune", "hydra", 0.5, seed=2, parent=hydra), status="pending")
+    entries = plots.summarize(collect.scan(tmp_path))
+    got = {(e["curve"], e["k"]): (e["n"], e["test_acc_mean"], e["stage"]) for e in entries}
+    assert got[("bip (bip.gamma=1.0, bip.variant=paper)", 0.5)] == (2, 81.5, "prune")
+    assert got[("bip (bip.gamma=10.0, bip.variant=paper)", 0.1)] == (2, 71.5, "prune")
+    assert got[("bip (bip.variant=reference)", 0.5)] == (2, 61.5, "prune")  # it ignores gamma
+    assert got[("hydra", 0.5)] == (1, 85.0, "finetune") and got[("hydra", 0.1)] == (2, 50.0, "prune")
+    assert len([e for e in entries if e["method"] == "bip"]) == 6
+    table = plots.summary_markdown(entries)
+    assert "| bip (bip.gamma=10.0, bip.variant=paper) | 0.1 | 90% | 71.50 ± 0.71 | 2 |" in table

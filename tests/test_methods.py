@@ -1,6 +1,7 @@
 """Update rules: BiP (paper and reference variants), HYDRA, finetune, one-shot and IMP masks."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ from bip.config import load_config
 from bip.layers import MaskedConv2d, MaskedLinear
 from bip.methods import BipPaper, Dense, Hydra, Imp, OneShot, create_method, imp_rounds
 from bip.bip_reference import BipReference
+from bip.models import create_model
 
 
 def prune_cfg(*extra):
@@ -152,6 +154,251 @@ def test_reference_iteration_zero_matches_restatement():
     assert all(p not in method.lower.state for p in method.scores)
     method.step(_batches(1), 0.5)
     assert all("momentum_buffer" in method.lower.state[p] for p in method.scores)
+
+
+# -- the reference variant against an independent restatement of the released code, bitwise --------
+# Written from the spec (shared/reference/bip-reference-code.md, sections 2, 4.1, 4.2, 4.6) in
+# the released code's op order: masks recomputed at every forward by a sort of |popup_scores|
+# with floor((1 - k) n) units zeroed (global for unstructured, in the model's forward; per conv
+# for filter / channel with nested L2 norms), w = weight * adj, the ResNet-s head pooling with
+# avg_pool2d, requires_grad toggled per pass, zero-filled grads (PyTorch 1.x), grad vectors over
+# all parameters, G = gM + (-lr2 * gM) * gB, per-epoch lrs with np.cos((e - 1) / E * pi) and
+# lr * 0.1 steps.
+
+class _Subnet(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, k, mode):
+        if mode == "unstructured":
+            rank, n, shape = a.flatten(), a.numel(), None
+        elif mode == "filter":
+            rank, n, shape = torch.norm(a.flatten(start_dim=1), p=2, dim=1), a.shape[0], (-1, 1, 1, 1)
+        else:
+            rank, n, shape = torch.norm(torch.norm(a, p=2, dim=[2, 3]), p=2, dim=0), a.shape[1], (1, -1, 1, 1)
+        _, idx = rank.sort()
+        keep = torch.ones_like(rank)
+        keep[idx[:int((1 - k) * n)]] = 0
+        return keep.view_as(a) if shape is None else keep.view(shape).expand_as(a).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class _RelConv(nn.Conv2d):
+    def __init__(self, cin, cout, stride, mode, k):
+        super().__init__(cin, cout, 3, stride, 1, bias=False)
+        self.popup_scores = nn.Parameter(torch.zeros_like(self.weight))
+        self.mode, self.k, self.w = mode, k, None
+
+    def forward(self, x):
+        if self.mode != "unstructured":
+            self.w = self.weight * _Subnet.apply(self.popup_scores.abs(), self.k, self.mode)
+        return F.conv2d(x, self.w, None, self.stride, self.padding)
+
+
+class _RelLinear(nn.Linear):
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout)
+        self.popup_scores = nn.Parameter(torch.zeros_like(self.weight))
+        self.w = None
+
+    def forward(self, x):
+        return F.linear(x, self.w, self.bias)
+
+
+class _RelBlock(nn.Module):
+    def __init__(self, cin, cout, stride, mode, k):
+        super().__init__()
+        self.conv1, self.bn1 = _RelConv(cin, cout, stride, mode, k), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = _RelConv(cout, cout, 1, mode, k), nn.BatchNorm2d(cout)
+        self.pad = cout // 4 if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out += x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out)
+
+
+class _RelResNet20s(nn.Module):
+    def __init__(self, mode, k):
+        super().__init__()
+        self.mode, self.k = mode, k
+        self.conv1, self.bn1 = _RelConv(3, 16, 1, mode, k), nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            stage = [_RelBlock(cin, cout, stride, mode, k)] + [_RelBlock(cout, cout, 1, mode, k) for _ in range(2)]
+            blocks.append(nn.Sequential(*stage))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = blocks
+        self.fc = _RelLinear(64, 10) if mode == "unstructured" else nn.Linear(64, 10)
+
+    def forward(self, x):
+        if self.mode == "unstructured":  # one global mask, sliced back to every weight
+            scored = [m for m in self.modules() if hasattr(m, "popup_scores")]
+            adj = _Subnet.apply(torch.cat([m.popup_scores.view(-1) for m in scored]).abs(), self.k, self.mode)
+            at = 0
+            for m in scored:
+                m.w = m.weight * adj[at:at + m.weight.numel()].view_as(m.weight)
+                at += m.weight.numel()
+        out = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.fc(out.view(out.size(0), -1))
+
+
+def _released_steps(model, epochs, batches, lr, lr2, wd, aliased):
+    scores = [m.popup_scores for m in model.modules() if hasattr(m, "popup_scores")]
+    weights = [p for m in model.modules() if not isinstance(m, nn.BatchNorm2d)
+               for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")]
+    if aliased:  # --scaled-score-init: one storage
+        for m in model.modules():
+            if hasattr(m, "popup_scores"):
+                m.popup_scores.data = m.weight.data
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, foreach=False)
+    mask_opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=wd, foreach=False)
+
+    def trainable(s, w):
+        for p in scores:
+            p.requires_grad_(s)
+        for p in weights:
+            p.requires_grad_(w)
+
+    def grad_vec():
+        return torch.cat([p.grad.view(-1).detach() for p in model.parameters()])
+
+    for epoch, epoch_batches in enumerate(batches):
+        for group in opt.param_groups:  # cosine with the (e - 1) offset
+            group["lr"] = lr * 0.5 * (1 + np.cos((epoch - 1) / epochs * np.pi))
+        for group in mask_opt.param_groups:  # the generic step schedule, base optim.lr
+            group["lr"] = lr * 0.1 if epoch >= 0.5 * epochs else lr
+        for (x_t, y_t), (x_v, y_v) in epoch_batches:
+            trainable(False, True)
+            loss = F.cross_entropy(model(x_v), y_v)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            opt.step()
+            trainable(True, True)
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x_t), y_t).backward()
+            g_b = grad_vec()
+            trainable(True, False)
+            mask_opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x_t), y_t).backward()
+            ig = -lr2 * grad_vec() * g_b
+            at = 0
+            for p in model.parameters():
+                p.grad.copy_(p.grad + ig[at:at + p.numel()].view_as(p))
+                at += p.numel()
+            mask_opt.step()
+            with torch.no_grad():
+                model(x_t)  # the logging forward
+
+
+@pytest.mark.parametrize("aliased", [True, False], ids=["scaled-score-init", "random-scores"])
+@pytest.mark.parametrize("layer_type", ["unstructured", "filter", "channel"])
+def test_reference_variant_is_bitwise_the_released_step(layer_type, aliased):
+    """float64, 6 iterations over 2 epochs of resnet20s, k = 0.8: every weight, score and BN
+    tensor equal to the last bit (the channel case drifted to 1e-11 before avg_pool2d, the
+    released IG op order and its lr arithmetic were matched)."""
+    k, lr, lr2, wd, epochs = 0.8, 0.1, 0.1, 1e-4, 2
+    torch.manual_seed(0)
+    ours = create_model("resnet20s", 10, layer_type).double()
+    with torch.no_grad():
+        for _, m in masking.masked_layers(ours):
+            m.scores.normal_()
+    released = _RelResNet20s(layer_type, k).double()
+    missing, unexpected = released.load_state_dict(
+        {n.replace("scores", "popup_scores"): v for n, v in ours.state_dict().items()
+         if not n.endswith("mask")}, strict=False)
+    assert not missing and not unexpected
+    if not aliased:  # released train.py: weights x 1/sqrt(k) when scores are not the weights
+        with torch.no_grad():
+            for m in released.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.weight.data = 1 / math.sqrt(k) * m.weight.data
+    cfg = prune_cfg(f"prune.layer_type={layer_type}", "prune.method=bip", "bip.variant=reference",
+                    f"prune.score_init={'magnitude' if aliased else 'kaiming'}", f"prune.k={k}",
+                    f"optim.lr={lr}", f"optim.wd={wd}", f"bip.lr2={lr2}", "bip.mask_lr=0.5",
+                    "bip.mask_lr_schedule=step", f"train.epochs={epochs}")
+    method = BipReference(cfg, ours)
+    g = torch.Generator().manual_seed(1)
+    batches = [[tuple((torch.randn(4, 3, 8, 8, generator=g).double(), torch.randint(0, 10, (4,), generator=g))
+                      for _ in range(2)) for _ in range(3)] for _ in range(epochs)]
+    _released_steps(released, epochs, batches, lr, lr2, wd, aliased)
+    for epoch, epoch_batches in enumerate(batches):
+        method.on_epoch_start(epoch)
+        for i, batch in enumerate(epoch_batches):
+            method.step(list(batch), epoch + i / 3)
+    want = {n.replace("popup_scores", "scores"): v for n, v in released.state_dict().items()}
+    for name, value in ours.state_dict().items():
+        if not name.endswith("mask"):
+            assert torch.equal(value, want[name]), (name, (value - want[name]).abs().max().item())
+
+
+def _released_hydra_steps(model, epochs, batches, lr, wd, aliased, k):
+    """The released ``--trainer base`` prune run: prepare_model freezes weights and biases (not
+    BN), the score init aliases (or rescales the weights), ONE SGD over all parameters, the
+    cosine (e - 1) lr per epoch, forward -> zero_grad (zero-filled) -> backward -> step."""
+    for m in model.modules():
+        if not isinstance(m, nn.BatchNorm2d):
+            for name, p in m.named_parameters(recurse=False):
+                p.requires_grad_(name == "popup_scores")
+        if hasattr(m, "popup_scores") and aliased:
+            m.popup_scores.data = m.weight.data
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and not aliased:
+            m.weight.data = 1 / math.sqrt(k) * m.weight.data
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, foreach=False)
+    for epoch, epoch_batches in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos((epoch - 1) / epochs * np.pi))
+        for x, y in epoch_batches:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("aliased", [True, False], ids=["scaled-score-init", "random-scores"])
+@pytest.mark.parametrize("layer_type", ["unstructured", "filter", "channel"])
+def test_hydra_reference_variant_is_bitwise_the_released_run(layer_type, aliased):
+    k, lr, wd, epochs = 0.1, 0.1, 5e-4, 2
+    torch.manual_seed(0)
+    ours = create_model("resnet20s", 10, layer_type).double()
+    with torch.no_grad():
+        for _, m in masking.masked_layers(ours):
+            m.scores.normal_()
+    released = _RelResNet20s(layer_type, k).double()
+    released.load_state_dict({n.replace("scores", "popup_scores"): v for n, v in ours.state_dict().items()
+                              if not n.endswith("mask")})
+    cfg = prune_cfg(f"prune.layer_type={layer_type}", "prune.method=hydra", "prune.variant=reference",
+                    f"prune.score_init={'magnitude' if aliased else 'kaiming'}", f"prune.k={k}",
+                    f"optim.lr={lr}", f"optim.wd={wd}", f"train.epochs={epochs}")
+    method = create_method(cfg, ours)
+    g = torch.Generator().manual_seed(2)
+    batches = [[(torch.randn(4, 3, 8, 8, generator=g).double(), torch.randint(0, 10, (4,), generator=g))
+                for _ in range(3)] for _ in range(epochs)]
+    _released_hydra_steps(released, epochs, batches, lr, wd, aliased, k)
+    for epoch, epoch_batches in enumerate(batches):
+        method.on_epoch_start(epoch)
+        for i, batch in enumerate(epoch_batches):
+            method.step([batch], epoch + i / 3)
+    want = {n.replace("popup_scores", "scores"): v for n, v in released.state_dict().items()}
+    for name, value in ours.state_dict().items():
+        if not name.endswith("mask"):
+            assert torch.equal(value, want[name]), (name, (value - want[name]).abs().max().item())
+    if aliased:  # the "frozen" weights moved with the scores
+        conv = masking.masked_layers(ours)[0][1]
+        assert conv.weight.data_ptr() == conv.scores.data_ptr()
+
+
+def test_hydra_variants_keep_their_counts():
+    """k = 0.1 filter pruning of resnet20s: the released rule zeroes floor(0.9 n) filters per conv
+    (7 x 2 + 6 x 4 + 6 x 7 = 80 kept), ours keeps round(0.1 n) (7 x 2 + 6 x 3 + 6 x 6 = 68)."""
+    kept = {}
+    for variant in ("paper", "reference"):
+        model = create_model("resnet20s", 10, "filter")
+        create_method(prune_cfg("prune.layer_type=filter", "prune.k=0.1", f"prune.variant={variant}"), model)
+        kept[variant] = masking.sparsity_report(model)["kept"]
+    assert kept == {"paper": 68, "reference": 80}
 
 
 def test_reference_scaled_init_aliases_scores_and_weights():

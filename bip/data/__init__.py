@@ -12,6 +12,7 @@ from typing import Callable, Union
 import torch
 from torch.utils.data import Dataset
 
+from bip import catalogue
 from bip.errors import BipError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -54,6 +55,8 @@ DESCRIPTIONS: dict[str, Callable[..., DatasetSpec]] = {}
 def register_dataset(name: str, describe: Callable[..., DatasetSpec] | None = None):
     """Register a reader ``fn(cfg, num_classes) -> DatasetSpec``; ``describe`` (same signature,
     no splits) answers without reading images, for loaders that bring their own (ffcv)."""
+    catalogue.listed("dataset", name)
+
     def wrap(fn):
         DATASETS[name] = fn
         if describe is not None:
@@ -62,9 +65,14 @@ def register_dataset(name: str, describe: Callable[..., DatasetSpec] | None = No
     return wrap
 
 
+def check_dataset(name: str) -> None:
+    """A registered dataset name, or a one-line BipError listing the choices."""
+    if name not in DATASETS:
+        raise BipError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+
+
 def _checked(cfg, num_classes: int, make) -> DatasetSpec:
-    if cfg.dataset not in DATASETS:
-        raise BipError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    check_dataset(cfg.dataset)
     spec = make(cfg, num_classes)
     if num_classes and num_classes != spec.num_classes:
         raise BipError(f"model.num_classes={num_classes} but {cfg.dataset} has {spec.num_classes} classes")

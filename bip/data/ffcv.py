@@ -10,14 +10,18 @@ optionally progressive resizing (data.min_res -> data.image_size over epochs dat
 -> data.end_ramp), center-crop (224/256) evaluation. Small datasets get pad-4 crop + flip.
 
 data.batch_size is PER PROCESS: under DDP with N GPUs the global batch is batch_size x N (as
-ffcv-imagenet's training.batch_size). Training streams use ffcv's distributed=True order (a
-DistributedSampler: each rank gets a disjoint shard of every epoch's permutation, padded by
-at most N-1 repeated samples, and the same number of full batches). Eval loaders read the
-disjoint shards rank::N, in order and without dropping, so each image is counted once.
+ffcv-imagenet's training.batch_size). Training streams read the order of bip.data.plan (the same
+as the other loaders: the global epoch's permutation drawn from (seed, stream, epoch), each rank
+taking its interleaved shard of every global batch) through a custom ffcv traversal order
+instead of ffcv's DistributedSampler (whose permutation, padding and shards depend on N). Eval
+loaders read the disjoint shards rank::N, in order and without dropping, so each image is
+counted once.
 
-Each training stream is reproducible per (seed, stream, epoch): the order is seeded with
-stream_seed(seed, stream, 0) + epoch and the augmentation draws are keyed by
-stream_seed(seed, stream, epoch) and the sample index (bip.data.ffcv_ops).
+Each training stream is reproducible per (seed, stream, epoch) and invariant to N: the order
+is the plan's, and the augmentation draws are keyed by stream_seed(seed, stream, epoch) and the
+sample index (bip.data.ffcv_ops), whichever thread, rank or world size decodes the sample. An
+epoch can start at any step (``epoch(e, start=k)``): the epoch's index list then starts at the
+k-th batch; nothing before it is read or decoded.
 
 On CPU, NormalizeImage runs before ToTensor (in ffcv's GPU order the Loader hangs on CPU). On
 GPU, uint8 images are copied to the device and normalised there (ffcv-imagenet's fast order,
@@ -35,7 +39,9 @@ import numpy as np
 import torch
 
 from bip.data import DatasetSpec
-from bip.data.loaders import Batch, Loaders, split_indices, stream_seed
+from bip.data.loaders import Batch, Loaders, split_indices
+from bip.data.plan import (check_start, cpu_budget, epoch_generator, shard, split_workers,
+                           steps_per_epoch, stream_seed)
 from bip.errors import BipError
 
 INSTALL_HINT = ("data.loader=ffcv needs the ffcv extra: pip install -e '.[ffcv]' "
@@ -56,14 +62,11 @@ def build_ffcv_loaders(cfg, spec: DatasetSpec, *, seed: int, streams: int, rank:
     """Loaders over ``cfg.train_beton`` / ``cfg.val_beton`` with the contract of build_loaders."""
     require_ffcv()
     torch_threads = torch.get_num_threads()  # ffcv's Loader sets it to its own thread count
-    if world > 1 and not (torch.distributed.is_initialized() and torch.distributed.get_rank() == rank):
-        raise BipError("data.loader=ffcv with several processes needs torch.distributed "
-                       "initialised (launch with accelerate or torchrun)")
     train_file = check_beton(cfg.train_beton, "data.train_beton", spec.train, spec.num_classes)
     test_file = check_beton(cfg.val_beton, "data.val_beton", spec.test, spec.num_classes)
     n_train = len(train_file.metadata)
     train_idx, val_idx = split_indices(n_train, cfg.val_fraction, cfg.split_seed, cfg.data_fraction)
-    workers = _threads(cfg.num_workers)
+    workers = _threads(cpu_budget(cfg.num_workers))
     mean, std = (spec.mean, spec.std) if cfg.normalize else ((0.0,) * 3, (1.0,) * 3)
     tail, finish = _tail(mean, std, device)
     if spec.style == "imagenet":
@@ -74,8 +77,10 @@ def build_ffcv_loaders(cfg, spec: DatasetSpec, *, seed: int, streams: int, rank:
     else:
         size = 0
         shape = (3, *_constant_size(train_file, cfg.train_beton))
-    made = [FfcvStream(cfg, spec.style, size, train_idx.numpy(), workers, tail, finish,
-                       seed, s, world, device) for s in range(streams)]
+    # The training streams decode at the same time: they share the threads.
+    made = [FfcvStream(cfg, spec.style, size, train_idx.numpy(), max(1, threads), tail, finish,
+                       seed, s, rank, world, device)
+            for s, threads in enumerate(split_workers(workers, streams))]
     eval_ops = _eval_ops(spec.style, size)
     val_fn = _eval(cfg.train_beton, val_idx.numpy()[rank::world], cfg.test_batch_size, workers,
                    eval_ops + tail, finish, device) if len(val_idx) else None
@@ -87,15 +92,20 @@ def build_ffcv_loaders(cfg, spec: DatasetSpec, *, seed: int, streams: int, rank:
 
 
 class FfcvStream:
-    """One training stream: ``epoch(e)`` yields full batches on the device, ``len`` steps."""
+    """One training stream: ``epoch(e, start)`` yields the full batches of epoch e from step
+    ``start`` on the device; ``len`` = steps per epoch."""
 
     def __init__(self, cfg, style: str, size: int, indices: np.ndarray, workers: int, tail: list,
-                 finish: Callable, seed: int, stream: int, world: int, device: torch.device):
-        from ffcv.loader import Loader, OrderOption
+                 finish: Callable, seed: int, stream: int, rank: int, world: int,
+                 device: torch.device):
+        from ffcv.loader import Loader
 
-        from bip.data.ffcv_ops import CropDecoder, EpochKey, FullDecoder, SeededFlip, SeededPadCrop
+        from bip.data.ffcv_ops import (CropDecoder, EpochKey, FullDecoder, PlannedOrder,
+                                       SeededFlip, SeededPadCrop)
         self.cfg, self.size, self.seed, self.stream, self.finish = cfg, size, seed, stream, finish
-        self.key, self.decoder = EpochKey(), None
+        self.rank, self.world, self.indices = rank, world, torch.from_numpy(indices.astype(np.int64))
+        self.steps = steps_per_epoch(len(indices), cfg.batch_size, world)
+        self.key, self.decoder, self.start = EpochKey(), None, 0
         if style == "imagenet" and cfg.augment:
             self.decoder = CropDecoder((size, size), self.key)
             ops = [self.decoder, SeededFlip(self.key)]
@@ -104,19 +114,21 @@ class FfcvStream:
         else:
             augment = [SeededPadCrop(self.key), SeededFlip(self.key)] if cfg.augment else []
             ops = [FullDecoder()] + augment
-        # distributed=True: ffcv shards each epoch's permutation over the ranks (needs the
-        # process group); the order is seeded per stream, ffcv adds the epoch.
+        # ffcv reads the order (the list of this epoch's sample ids) from self.plan: the same
+        # for every world size, sharded here, without torch.distributed.
         self.loader = Loader(cfg.train_beton, cfg.batch_size, num_workers=workers, os_cache=True,
-                             order=OrderOption.RANDOM, distributed=world > 1,
-                             seed=stream_seed(seed, stream, 0), indices=indices,
-                             pipelines={"image": ops + tail, "label": _label_ops(device)},
-                             drop_last=True)
-        if len(self.loader) == 0:
-            raise BipError(f"training split of {len(indices)} images is smaller than one batch of "
-                           f"{cfg.batch_size} per rank x {world} ranks")
+                             order=PlannedOrder(lambda epoch: self.plan(epoch, self.start)),
+                             indices=indices, drop_last=True,
+                             pipelines={"image": ops + tail, "label": _label_ops(device)})
+
+    def plan(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's sample ids of ``epoch`` from step ``start`` (bip.data.plan)."""
+        g = epoch_generator(self.seed, self.stream, epoch)
+        order = self.indices[torch.randperm(len(self.indices), generator=g)]
+        return shard(order, self.cfg.batch_size, self.rank, self.world, self.steps, start).numpy()
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.steps
 
     def resolution(self, epoch: int) -> int:
         """The training resolution of ``epoch`` (ffcv-imagenet's progressive resizing)."""
@@ -128,12 +140,15 @@ class FfcvStream:
         res = np.interp(epoch, [cfg.start_ramp, cfg.end_ramp], [cfg.min_res, size])
         return int(min(size, max(cfg.min_res, round(res / 32) * 32)))  # multiples of 32, as there
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        check_start(start, self.steps)
+        if start == self.steps:
+            return
         self.key.set(stream_seed(self.seed, self.stream, epoch))
         if self.decoder is not None:  # buffers are sized per epoch, so this needs no recompile
             res = self.resolution(epoch)
             self.decoder.output_size = (res, res)
-        self.loader.next_epoch = epoch  # ffcv seeds the order with seed + next_epoch
+        self.loader.next_epoch, self.start = epoch, start  # read by the order at iter()
         with closing(_iterate(self.loader)) as batches:  # stops ffcv's thread on an early exit
             for x, y in batches:
                 yield self.finish(x), y

@@ -17,6 +17,7 @@ from ffcv.libffcv import ctypes_imdecode, ctypes_memcopy, ctypes_resize
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
+from ffcv.traversal_order.base import TraversalOrder
 from numba import njit
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -250,3 +251,20 @@ class SeededPadCrop(_KeyedImageOp):
 
         pad_crop.is_parallel, pad_crop.with_indices = True, True
         return pad_crop
+
+
+class PlannedOrder(TraversalOrder):
+    """An ffcv traversal order that reads each epoch's sample ids from ``plan(epoch)`` (the
+    stream's shard of bip.data.plan, possibly starting mid-epoch). ffcv 1.0.2's Loader calls
+    a TraversalOrder instance with itself (``order(self)``): that call binds the loader."""
+
+    def __init__(self, plan: Callable[[int], np.ndarray]):  # no loader yet: see __call__
+        self.plan, self.loader, self.sampler = plan, None, None
+
+    def __call__(self, loader) -> "PlannedOrder":
+        self.loader, self.indices, self.seed = loader, loader.indices, loader.seed
+        self.distributed = loader.distributed
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.plan(epoch)

@@ -1,6 +1,14 @@
 """ImageNet as an ImageFolder tree (train/, val/) or as the seed's LMDB files (train.lmdb,
 val.lmdb: pickled (jpeg bytes, label) records plus __keys__ / __len__). Items are PIL images;
-the loaders add the random-resized-crop / center-crop transforms."""
+the loaders add the random-resized-crop / center-crop transforms.
+
+LMDB input must come from a source you trust: its records are pickles, and unpickling a crafted
+pickle runs code. They are read with a restricted unpickler (``_PlainData``) that builds plain
+data only (tuples, lists, bytes, str, numbers) and refuses any pickle that names a Python object,
+which is how a crafted pickle runs code; a malformed or huge record can still fail or exhaust
+memory. The safe route: convert the images once with ``python -m bip.data.ffcv write`` and train
+from the ``.beton`` files (data.loader=ffcv), which hold no pickles.
+"""
 from __future__ import annotations
 
 import io
@@ -26,8 +34,10 @@ class LmdbImages(Dataset):
         self.path, self.env = path, None
         env = lmdb.open(str(path), subdir=path.is_dir(), readonly=True, lock=False, readahead=False)
         with env.begin() as txn:
-            self.keys = pickle.loads(txn.get(b"__keys__"))
+            self.keys = _load(txn.get(b"__keys__"), path, "__keys__")
         env.close()
+        if not isinstance(self.keys, list) or not all(isinstance(k, bytes) for k in self.keys):
+            raise BipError(f"{path}: __keys__ is not a list of byte strings; {_TRUST}")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -38,8 +48,33 @@ class LmdbImages(Dataset):
             self.env = lmdb.open(str(self.path), subdir=self.path.is_dir(), readonly=True,
                                  lock=False, readahead=False)
         with self.env.begin() as txn:
-            jpeg, label = pickle.loads(txn.get(self.keys[i]))
-        return Image.open(io.BytesIO(jpeg)).convert("RGB"), int(label)
+            record = _load(txn.get(self.keys[i]), self.path, f"record {self.keys[i]!r}")
+        if not (isinstance(record, tuple) and len(record) == 2 and isinstance(record[0], bytes)
+                and isinstance(record[1], int)):
+            raise BipError(f"{self.path}: record {self.keys[i]!r} is not (jpeg bytes, label); {_TRUST}")
+        return Image.open(io.BytesIO(record[0])).convert("RGB"), record[1]
+
+
+_TRUST = ("LMDB input is pickled and must come from a source you trust; the safe route is "
+          "`python -m bip.data.ffcv write --dataset ImageNet ...` once, then data.loader=ffcv")
+
+
+class _PlainData(pickle.Unpickler):
+    """Unpickles plain data only: every global (class, function) is refused, so no pickle can
+    make it call anything."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refused to load the Python object {module}.{name}")
+
+
+def _load(buf: bytes | None, path: Path, what: str):
+    if buf is None:
+        raise BipError(f"{path}: no {what} entry (not the seed's LMDB format)")
+    try:
+        return _PlainData(io.BytesIO(buf)).load()
+    except Exception as err:  # any unpickling failure is the file's, reported in one line
+        raise BipError(f"{path}: {what} is not plain pickled data ({type(err).__name__}: {err}); "
+                       f"{_TRUST}") from None
 
 
 def _splits(root: Path):

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from bip import catalogue
 from bip.errors import BipError
 from bip.layers import LayerFactory
 
@@ -19,6 +20,7 @@ MODELS: dict[str, Builder] = {}
 def register_model(fn: Builder) -> Builder:
     if fn.__name__ in MODELS:
         raise ValueError(f"model {fn.__name__!r} registered twice")
+    catalogue.listed("model", fn.__name__)
     MODELS[fn.__name__] = fn
     return fn
 

@@ -63,7 +63,10 @@ class ResNetS(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return self.fc(out.mean(dim=(2, 3)))
+        # avg_pool2d as the reference (akamaster, BiP's models/resnets.py): the same value as a
+        # mean over (2, 3), rounded differently, and the reference variant must be bitwise.
+        out = F.avg_pool2d(out, out.size(3))
+        return self.fc(out.view(out.size(0), -1))
 
 
 @register_model
