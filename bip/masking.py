@@ -312,14 +312,6 @@ def zero_pruned_weights(model: nn.Module) -> None:
         m.weight.mul_(m.mask)
 
 
-def nonfinite(model: nn.Module) -> torch.Tensor:
-    """0-d bool on the device, no sync: does any pruned layer hold a NaN or +-inf score?"""
-    scores = score_parameters(model)
-    if not scores:
-        return torch.zeros((), dtype=torch.bool)
-    return torch.stack([torch.isfinite(s).all() for s in scores]).logical_not().any()
-
-
 def unit_counts(layer: MaskedLayer) -> tuple[torch.Tensor, int]:
     """(kept units as a 0-d device tensor, total units) of one layer, from its mask."""
     mask = layer.mask
