@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from bip import masking
 from bip.config import Config
-from bip.methods import Method, all_reduce_grads, bn_parameters, is_score
+from bip.methods import Method, all_reduce_grads, bn_parameters
 from bip.optim import make_optimizer, reference_lr, set_lr
 
 
@@ -66,9 +66,10 @@ class BipReference(Method):
         self.params = list(model.parameters())
         for p in self.params:
             p.requires_grad_(True)
-        self.scores = [p for n, p in model.named_parameters() if is_score(n)]
+        self.scores = [m.scores for _, m in masking.masked_layers(model)]
         bn = {id(p) for p in bn_parameters(model)}
-        self.weights = [p for n, p in model.named_parameters() if not is_score(n) and id(p) not in bn]
+        not_weights = bn | {id(p) for p in self.scores}
+        self.weights = [p for p in model.parameters() if id(p) not in not_weights]
         self.bn = [p for p in self.params if id(p) in bn]
         self.lower = make_optimizer(o.optimizer, self.params, o.lr, o.momentum, o.wd, foreach=False)
         self.upper = make_optimizer("sgd", self.params, b.mask_lr, o.momentum, o.wd, foreach=False)
@@ -137,8 +138,9 @@ class HydraReference(Method):
         o = cfg.optim
         released_score_init(cfg, model)
         bn = {id(p) for p in bn_parameters(model)}
-        for name, p in model.named_parameters():  # prepare_model(prune): freeze weights and biases
-            p.requires_grad_(is_score(name) or (id(p) in bn and cfg.prune.train_bn))
+        scores = masking.all_score_ids(model)
+        for p in model.parameters():  # prepare_model(prune): freeze weights and biases
+            p.requires_grad_(id(p) in scores or (id(p) in bn and cfg.prune.train_bn))
         self.params = list(model.parameters())
         # Over ALL parameters, as released: a frozen tensor never gets a grad slot, so SGD skips
         # it, but with aliasing its storage moves with the scores.

@@ -22,7 +22,7 @@ from bip.errors import BipError
 from bip.names import check_name, check_root_text
 
 STAGES = ("pretrain", "prune", "finetune")
-LAYER_TYPES = ("dense", "unstructured", "filter", "channel")
+LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
 METHODS = ("hydra", "bip", "omp", "imp", "random")
 SCORE_INITS = ("magnitude", "hydra", "kaiming")
 
@@ -97,12 +97,18 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     method: str = "hydra"           # hydra | bip | omp | imp | random (stage prune)
-    layer_type: str = "dense"       # dense | unstructured | filter | channel
+    layer_type: str = "dense"       # dense | unstructured | filter | channel | nm
     k: float = 1.0                  # fraction of weights (unstructured) / filters / channels KEPT
     score_init: str = "kaiming"     # magnitude (--scaled-score-init) | hydra | kaiming
     train_bn: bool = True           # hydra: train BatchNorm affine with the scores
     imp_rate: float = 0.2           # imp: fraction of the remaining weights pruned per round
     variant: str = "paper"          # hydra: paper | reference (the released BiP code's HYDRA run)
+    scope: str = "global"           # unstructured budget: global (one top-k) | layer (k per layer)
+    min_layer_keep: float = 0.0     # global scope: per-layer floor, a fraction (< 1) or count (>= 1)
+    skip: str = ""                  # layers left dense: comma list of first, last|classifier, names
+    on_collapse: str = "warn"       # warn | fail when the pruned network is disconnected
+    n: int = 2                      # nm: keep n of every m consecutive weights along the input
+    m: int = 4
 
     def __post_init__(self):
         _check_choice("prune.method", self.method, METHODS)
@@ -111,6 +117,29 @@ class PruneConfig:
         _check_choice("prune.score_init", self.score_init, SCORE_INITS)
         _check_range("prune.k", self.k, 0.0, 1.0, low_open=True)
         _check_range("prune.imp_rate", self.imp_rate, 0.0, 1.0, low_open=True)
+        _check_choice("prune.scope", self.scope, ("global", "layer"))
+        _check_choice("prune.on_collapse", self.on_collapse, ("warn", "fail"))
+        floor = self.min_layer_keep
+        if not (0 <= floor < float("inf")) or (floor >= 1 and not floor.is_integer()):
+            raise BipError(f"prune.min_layer_keep={floor} must be a fraction in [0, 1) or a whole count >= 1")
+        if self.scope == "layer" and self.layer_type not in ("unstructured", "dense"):
+            raise BipError(f"prune.scope=layer is for unstructured masks; {self.layer_type} budgets "
+                           "are per layer already")
+        if floor and (self.layer_type not in ("unstructured", "dense") or self.scope != "global"):
+            raise BipError("prune.min_layer_keep applies to the global unstructured budget; filter, "
+                           "channel, nm and prune.scope=layer keep at least one unit per layer already")
+        skip = sorted({s.strip() for s in self.skip.split(",") if s.strip()})
+        object.__setattr__(self, "skip", ",".join(skip))  # one spelling per meaning (run ids)
+        if not 1 <= self.n < self.m:
+            raise BipError(f"prune.n={self.n} and prune.m={self.m}: need 1 <= n < m")
+        if self.layer_type == "nm":
+            if self.method == "imp":
+                raise BipError("imp prunes a fraction of the remaining weights; it has no nm variant")
+            if self.k == 1.0:  # k of an nm mask is n/m; recorded so results plot at their density
+                object.__setattr__(self, "k", self.n / self.m)
+            elif abs(self.k - self.n / self.m) > 1e-9:
+                raise BipError(f"prune.k={self.k} contradicts nm with n={self.n}, m={self.m} "
+                               f"(k = n/m = {self.n / self.m}); leave k unset")
 
 
 @dataclass(frozen=True)
@@ -218,7 +247,7 @@ class Config:
         if stage == "pretrain" and layer_type != "dense":
             raise BipError(f"pretrain trains a dense model: layer_type must be dense, got {layer_type}")
         if stage != "pretrain" and layer_type == "dense":
-            raise BipError(f"stage {stage} needs a pruned layer type (unstructured, filter or channel)")
+            raise BipError(f"stage {stage} needs a pruned layer type (unstructured, filter, channel or nm)")
 
     @property
     def method(self) -> str:
@@ -396,6 +425,8 @@ def build_config(overrides: Iterable[tuple[str, Any, str]], base: Config | None 
             if dotted not in _FIELD_TYPES:
                 raise _unknown(dotted)
             section, name = dotted.split(".", 1)
+            if dotted == "prune.skip" and isinstance(val, (list, tuple)):  # YAML list form
+                val = ",".join(str(v) for v in val)
             values[section][name] = _coerce(_FIELD_TYPES[dotted], val, dotted)
     return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
 

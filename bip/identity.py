@@ -33,6 +33,7 @@ _NOT_HASHED = {
     # A tolerance: it decides whether a diverging run stops, never what a finished run computed,
     # so raising it resumes the stopped run in its own folder.
     "train.max_nonfinite_steps",
+    "prune.on_collapse",  # likewise: whether a disconnected network stops the run
 }
 _PAPER_ONLY = {"bip.alpha", "bip.beta", "bip.gamma", "bip.lower_wd", "bip.upper_wd", "bip.momentum"}
 _REFERENCE_ONLY = {"bip.lr2", "bip.mask_lr", "bip.mask_lr_schedule"}

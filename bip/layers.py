@@ -7,10 +7,16 @@ once per optimizer step (and for eval), so every forward of a step sees the same
 Straight-through gradient (HYDRA/BiP): dL/dS = sign(S) * W * dL/dZ at every position, pruned
 ones included, so a pruned weight can re-enter the top-k. With ``ig_coeff`` = c > 0 the same
 backward gives BiP's upper-level gradient sign(S) * (W * g - c * M * g^2), g = dL/dZ, at no
-extra pass.
+extra pass. Under DDP BiP needs g averaged over ranks BEFORE it is squared: with a ``g_sink``
+(bip.gsync.GReducer) the backward hands g to it and leaves the score gradient to it.
+
+A layer with ``prunable = False`` (prune.skip) or an nm layer whose input size is not a
+multiple of M is left dense (``is_pruned`` is False): its mask stays all ones and its scores
+never train.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,16 +24,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GRANULARITIES = ("unstructured", "filter", "channel")
+GRANULARITIES = ("unstructured", "filter", "channel", "nm")
+
+
+def score_grad(weight, scores, mask, g, ig_coeff: float) -> torch.Tensor:
+    """dL/dS = sign(S) * (W - c * M * g) * g (c = 0: HYDRA's straight-through estimator)."""
+    direction = weight if ig_coeff == 0 else weight - ig_coeff * mask * g
+    return torch.sign(scores) * direction * g
 
 
 class _MaskedWeight(torch.autograd.Function):
     """Z = W * M, with the straight-through (and optional implicit-gradient) score gradient."""
 
     @staticmethod
-    def forward(ctx, weight, scores, mask, ig_coeff: float):
+    def forward(ctx, weight, scores, mask, ig_coeff: float, sink):
         ctx.save_for_backward(weight, scores, mask)
-        ctx.ig_coeff = ig_coeff
+        ctx.ig_coeff, ctx.sink = ig_coeff, sink
         return weight * mask
 
     @staticmethod
@@ -36,9 +48,11 @@ class _MaskedWeight(torch.autograd.Function):
         grad_w = grad_z * mask if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            direction = weight if ctx.ig_coeff == 0 else weight - ctx.ig_coeff * mask * grad_z
-            grad_s = torch.sign(scores) * direction * grad_z
-        return grad_w, grad_s, None, None
+            if ctx.sink is not None:  # the sink forms the score gradient from the averaged g
+                ctx.sink(grad_z)
+            else:
+                grad_s = score_grad(weight, scores, mask, grad_z, ctx.ig_coeff)
+        return grad_w, grad_s, None, None, None
 
 
 class MaskedLayer:
@@ -62,16 +76,24 @@ class MaskedLayer:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.grad_target = "all"
         self.ig_coeff = 0.0
-        self.mask_version = 0  # bumped by bip.masking each time the mask is recomputed
+        self.g_sink = None
+        self.prunable = True  # False: left dense by prune.skip (bip.masking.configure)
+        self.nm = (2, 4)      # (N, M) of an nm layer (bip.masking.configure)
+
+    @property
+    def is_pruned(self) -> bool:
+        """False for a layer left dense: skipped, or nm with an input size not a multiple of M."""
+        return self.prunable and not (self.granularity == "nm" and self.weight.shape[1] % self.nm[1])
 
     def masked_weight(self) -> torch.Tensor:
         weight, scores = self.weight, self.scores
         if self.grad_target == "scores":
             weight = weight.detach()
         differentiate_scores = scores.requires_grad and self.grad_target != "weights"
-        if not differentiate_scores:
+        if not (differentiate_scores and self.is_pruned):
             return weight * self.mask
-        return _MaskedWeight.apply(weight, scores, self.mask, self.ig_coeff)
+        sink = None if self.g_sink is None else functools.partial(self.g_sink.add, self)
+        return _MaskedWeight.apply(weight, scores, self.mask, self.ig_coeff, sink)
 
 
 class MaskedConv2d(nn.Conv2d, MaskedLayer):
@@ -85,8 +107,8 @@ class MaskedConv2d(nn.Conv2d, MaskedLayer):
 
 class MaskedLinear(nn.Linear, MaskedLayer):
     def __init__(self, *args, granularity: str = "unstructured", **kwargs):
-        if granularity != "unstructured":
-            raise ValueError("linear layers are only masked in unstructured mode")
+        if granularity not in ("unstructured", "nm"):
+            raise ValueError("linear layers are only masked in unstructured and nm mode")
         super().__init__(*args, **kwargs)
         self._init_masking(granularity)
 
@@ -98,7 +120,7 @@ class MaskedLinear(nn.Linear, MaskedLayer):
 class LayerFactory:
     """Builds the conv/linear layers of a model for one ``layer_type``.
 
-    dense: plain nn.Conv2d / nn.Linear. unstructured: every conv and linear is masked.
+    dense: plain nn.Conv2d / nn.Linear. unstructured, nm: every conv and linear is masked.
     filter / channel: every conv is masked at that granularity; linear layers stay dense
     (as in the reference code).
     """
@@ -117,6 +139,6 @@ class LayerFactory:
                             granularity=self.layer_type)
 
     def linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
-        if self.layer_type == "unstructured":
-            return MaskedLinear(in_features, out_features, bias=bias)
+        if self.layer_type in ("unstructured", "nm"):
+            return MaskedLinear(in_features, out_features, bias=bias, granularity=self.layer_type)
         return nn.Linear(in_features, out_features, bias=bias)

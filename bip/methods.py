@@ -11,7 +11,7 @@ tensors (loss, correct, n) so the loop syncs with the device only when it logs.
 | hydra    | scores (+ BN affine); weights frozen     | top-k of |scores|, every step        |
 |  (ref.)  | prune.variant=reference: the released HYDRA run (bip.bip_reference.HydraReference) |
 | bip      | lower: weights on batch V; upper: scores | top-k of |scores|, every step        |
-| omp      | nothing (one-shot, finetune afterwards)  | global magnitude                     |
+| omp      | nothing (one-shot, finetune afterwards)  | magnitude (global, per layer or N:M) |
 | random   | nothing (one-shot, finetune afterwards)  | random                               |
 | imp      | weights, round after round               | -20% of the remaining by magnitude   |
 """
@@ -25,16 +25,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bip import masking
+from bip import gsync, masking
 from bip.config import Config
 from bip.errors import BipError
 from bip.optim import lr_at, make_optimizer, set_lr
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def is_score(name: str) -> bool:
-    return name == "scores" or name.endswith(".scores")
 
 
 def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -74,6 +70,8 @@ class Method:
         last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.num_classes = last_linear[-1].out_features if last_linear else 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        if cfg.run.stage == "prune":  # skip, N:M groups, budget scope and floor of this run
+            masking.configure(model, cfg.prune)
 
     def attach(self, model: nn.Module, accelerator=None) -> None:
         """The (possibly DDP-wrapped) model to run forwards through, and the accelerator."""
@@ -131,8 +129,9 @@ class Dense(Method):
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(not is_score(name))
+        scores = masking.all_score_ids(model)
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in scores)
         if cfg.run.stage != "pretrain":
             # Pruned weights start at exactly 0; their gradient M * dL/dZ is 0, so they stay 0.
             masking.zero_pruned_weights(model)
@@ -152,9 +151,11 @@ class Hydra(Method):
         super().__init__(cfg, model)
         masking.init_scores(model, cfg.prune.score_init)
         masking.refresh_masks(model, cfg.prune.k)
-        bn = {id(p) for p in bn_parameters(model)} if cfg.prune.train_bn else set()
-        for name, p in model.named_parameters():
-            p.requires_grad_(is_score(name) or id(p) in bn)
+        trained = {id(p) for p in masking.score_parameters(model)}
+        if cfg.prune.train_bn:
+            trained |= {id(p) for p in bn_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
         o = cfg.optim
         self.opt = make_optimizer(o.optimizer, [p for p in model.parameters() if p.requires_grad],
                                   o.lr, o.momentum, o.wd, o.nesterov)
@@ -180,10 +181,12 @@ class BipPaper(Method):
         b = cfg.bip
         masking.init_scores(model, cfg.prune.score_init)
         masking.refresh_masks(model, cfg.prune.k)
+        all_scores = masking.all_score_ids(model)
+        self.theta = [p for p in model.parameters() if id(p) not in all_scores]
+        self.scores = masking.score_parameters(model)  # those of layers left dense never train
+        trained = {id(p) for p in self.theta + self.scores}
         for p in model.parameters():  # fixed for DDP; each pass picks its targets instead
-            p.requires_grad_(True)
-        self.theta = [p for n, p in model.named_parameters() if not is_score(n)]
-        self.scores = [p for n, p in model.named_parameters() if is_score(n)]
+            p.requires_grad_(id(p) in trained)
         self.lower = make_optimizer("sgd", self.theta, b.alpha, b.momentum, b.lower_wd)
         self.upper = make_optimizer("sgd", self.scores, b.beta, b.momentum, b.upper_wd)
         self.optimizers = {"lower": self.lower, "upper": self.upper}
@@ -204,10 +207,14 @@ class BipPaper(Method):
         self.lower.step()
 
         self.upper.zero_grad(set_to_none=True)
-        with masking.grad_target(self.core, "scores", self.ig_coeff), self._no_sync():
+        # Under DDP, g = dL/dZ is averaged over ranks before the score gradient squares it
+        # (mean(g_r^2) != mean(g)^2); bip.gsync overlaps that all-reduce with the backward.
+        sink = gsync.GReducer(self.ig_coeff) if gsync.distributed() else None
+        with masking.grad_target(self.core, "scores", self.ig_coeff, sink), self._no_sync():
             loss_t, out = self._loss(x_t, y_t)
             loss_t.backward()
-        all_reduce_grads(self.scores)
+        if sink is not None:
+            sink.finish()
         self.upper.step()
         masking.refresh_masks(self.core, self.cfg.prune.k)
         return self._stats(loss_t, out, y_t)

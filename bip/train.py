@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bip import checkpoint, identity, masking
+from bip import checkpoint, collapse, identity, masking
 from bip.config import Config, config_from_argv
 from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
@@ -117,6 +117,7 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
         last = _evaluate(model, loaders, accelerator, cfg)
         last.update(epoch=epoch + 1, step=state["step"], time_s=round(time.time() - t0, 3),
                     train_loss=_mean(totals, "loss"), train_acc=_mean(totals, "correct"))
+        last.update(collapse.record(method.core, loaders.input_shape, f"epoch {epoch + 1}", log.line))
         if last.get("val_acc", -1.0) > state["best"]["val_acc"]:
             state["best"] = {"val_acc": last["val_acc"], "epoch": epoch + 1, "test_acc": last["test_acc"]}
         state["epoch"] = epoch + 1
@@ -127,10 +128,13 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
             if cfg.run.stage == "pretrain" and epoch + 1 == rewind_epoch(cfg):
                 checkpoint.save(run_dir / identity.REWIND, _checkpoint(cfg, method, state))
             log.line(f"epoch {epoch + 1}/{epochs} " + _summary(last))
+        collapse.enforce(last, cfg.prune.on_collapse, f"epoch {epoch + 1}")
         if hook:
             hook("epoch", {"epoch": epoch + 1, "metrics": last, "model": model})
     if last is None:  # nothing trained (one-shot methods, or epochs=0): evaluate once
         last = _evaluate(model, loaders, accelerator, cfg)
+        last.update(collapse.record(method.core, loaders.input_shape, "mask", log.line))
+        collapse.enforce(last, cfg.prune.on_collapse, "mask")
         if main:
             checkpoint.save(run_dir / identity.CHECKPOINT, _checkpoint(cfg, method, state))
     result = _result(cfg, model, loaders, state, last, accelerator, time.time() - start_time)
@@ -267,7 +271,7 @@ def _meta(cfg: Config, num_classes: int) -> dict:
     return {"stage": cfg.run.stage, "method": _method_label(cfg),
             "layer_type": cfg.prune.layer_type, "k": cfg.prune.k, "arch": cfg.model.arch,
             "dataset": cfg.data.dataset, "run_id": identity.run_id(cfg), "seed": cfg.run.seed,
-            "num_classes": num_classes}
+            "num_classes": num_classes, "n": cfg.prune.n, "m": cfg.prune.m}  # n, m: N:M masks
 
 
 def _method_label(cfg: Config) -> str:
@@ -308,6 +312,7 @@ def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
         "best_val_acc": best["val_acc"] if best["epoch"] else None, "best_epoch": best["epoch"] or None,
         "test_acc_at_best_val": best["test_acc"],
         "sparsity": {k: v for k, v in report.items() if k != "layers"} if report else None,
+        "collapsed": last.get("collapsed"), "collapsed_layers": last.get("collapsed_layers"),
         **count_params_and_macs(model, loaders.input_shape),
         "wall_time_s": round(state["wall_time_s"] if state["epoch"] else elapsed, 3),
         "device": device, "world_size": accelerator.num_processes,

@@ -53,7 +53,9 @@ def files(tmp_path: Path) -> dict[str, Path]:
         paths[name] = tmp_path / "in" / (name + (".yaml" if name.startswith("profile") else ".yml"))
         paths[name].parent.mkdir(exist_ok=True)
         paths[name].write_bytes(data)
-    for name, obj in {"no_model": ours, "model_list": {**ours, "model": [1, 2]},
+    from bip.models import create_model
+    dense = create_model("resnet20s", 10).state_dict()  # a good source for the mask cases
+    for name, obj in {"no_model": ours, "model_list": {**ours, "model": [1, 2]}, "resnet20s": dense,
                       "no_rng": {**ours, "model": {"w": torch.zeros(1)}},
                       "foreign": {"state_dict": {"w": [1, 2]}},
                       "other_arch": {"conv1.weight": torch.zeros(4, 3, 3, 3)}}.items():
@@ -116,6 +118,20 @@ TRAIN_CASES = {
     "foreign source": ([*PRUNE, "--k", "0.1", "--source-net", "{foreign}"], "holds no model state_dict", "run"),
     "source of another arch": ([*PRUNE, "--k", "0.1", "--source-net", "{other_arch}"], "does not fit resnet20s", "run"),
     "missing data": (["--dataset", "CIFAR10", "--data-dir", "/nonexistent"], "never downloaded", "run"),
+    # masks (README "Masks")
+    "floor not a count": ([*PRUNE, "--k", "0.5", "prune.min_layer_keep=2.5"],
+                          "must be a fraction in [0, 1) or a whole count", "cli"),
+    "floor with filter": (["--exp-mode", "prune", "--layer-type", "filter", "--k", "0.5",
+                           "prune.min_layer_keep=0.1"], "applies to the global unstructured budget", "cli"),
+    "layer scope with channel": (["--exp-mode", "prune", "--layer-type", "channel", "--k", "0.5",
+                                  "prune.scope=layer"], "prune.scope=layer is for unstructured", "cli"),
+    "nm with another k": (["--exp-mode", "prune", "--layer-type", "nm", "--k", "0.3"], "contradicts nm", "cli"),
+    "nm n >= m": (["--exp-mode", "prune", "--layer-type", "nm", "prune.n=4"], "need 1 <= n < m", "cli"),
+    "imp with nm": (["--exp-mode", "prune", "--layer-type", "nm", "prune.method=imp"], "no nm variant", "cli"),
+    "floor above the budget": ([*PRUNE, "--k", "0.001", "prune.min_layer_keep=0.05", "--source-net",
+                                "{resnet20s}"], "more than the budget round(k * N)", "run"),
+    "skip names no layer": ([*PRUNE, "--k", "0.5", "prune.skip=conv9", "--source-net", "{resnet20s}"],
+                            "no conv or linear layer named 'conv9'", "run"),
     # the command line
     "unknown key": (["optim.lrr=0.1"], "unknown config key 'optim.lrr'", "cli"),
     "overrides around a flag": (["a.b=1", "--epochs", "2", "c.d=2"], "unknown config key 'a.b'", "cli"),

@@ -14,12 +14,43 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_mask_selection_on_cuda_matches_cpu():
+def _select(values, k):
+    from bip import topk
+    keys = topk.rank_keys_(values.clone())
+    out = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
+    return topk.TopK(values.numel(), values.dtype, values.device).select(keys, k, out)
+
+
+def test_mask_selection_on_cuda_matches_cpu_without_syncs():
     torch.manual_seed(0)
-    values = torch.rand(3_000_000) ** 2
+    values = torch.rand(3_000_000 // 4096 * 4096) ** 2
     values[:1000] = values[5000]  # ties at many places
+    values[7:20] = float("nan")
     for k in (1, 12345, 2_000_000):
-        assert torch.equal(masking.top_mask(values.cuda(), k).cpu(), masking.top_mask(values, k))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            on_gpu = _select(values.cuda(), k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(on_gpu.cpu(), _select(values, k))
+
+
+@pytest.mark.parametrize("layer_type", ["unstructured", "filter", "channel", "nm"])
+def test_mask_refresh_on_cuda_matches_cpu_without_syncs(layer_type):
+    from bip.models import create_model
+    torch.manual_seed(0)
+    cpu = create_model("resnet20s", 10, layer_type)
+    masking.init_scores(cpu, "magnitude")
+    gpu = copy.deepcopy(cpu).cuda()
+    masking.refresh_masks(cpu, 0.1)
+    masking.refresh_masks(gpu, 0.1)  # first call allocates the workspace
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        masking.refresh_masks(gpu, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (_, a), (_, b) in zip(masking.masked_layers(cpu), masking.masked_layers(gpu)):
+        assert torch.equal(a.mask, b.mask.cpu())
 
 
 def test_bip_step_on_cuda_matches_cpu_in_float64():

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from bip import masking
+from bip.errors import BipError
 from bip.layers import LayerFactory, MaskedConv2d, MaskedLinear
 from bip.models import create_model
 
@@ -59,12 +60,155 @@ def test_keep_count_rules():
     assert masking.keep_count(1.0, 7) == 7 and masking.keep_count(1e-9, 7) == 1
 
 
+def _linear_model(*sizes):
+    return nn.Sequential(*[MaskedLinear(i, o, bias=False) for i, o in zip(sizes, sizes[1:])])
+
+
 def test_ties_break_deterministically_and_exactly():
-    values = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.0])
-    keep = masking.top_mask(values, 3)
-    # 3.0 plus the two EARLIEST of the tied 2.0s
-    assert keep.tolist() == [False, True, True, True, False, False]
-    assert masking.top_mask(torch.zeros(10), 4).tolist() == [True] * 4 + [False] * 6
+    model = _linear_model(3, 2)
+    model[0].scores.data = torch.tensor([[1.0, 3.0, 2.0], [2.0, -2.0, 0.0]])
+    masking.refresh_masks(model, 0.5)
+    # 3.0 plus the two EARLIEST of the tied |2.0|s
+    assert model[0].mask.flatten().tolist() == [False, True, True, True, False, False]
+    model[0].scores.data.zero_()
+    masking.refresh_masks(model, 0.5)
+    assert model[0].mask.flatten().tolist() == [True] * 3 + [False] * 3
+
+
+@pytest.mark.parametrize("shape", [(50, 10), (200, 200)])  # sort path / radix path
+def test_nan_scores_rank_last_and_the_count_stays_exact(shape):
+    model = _linear_model(*shape)
+    s = model[0].scores.data
+    s.uniform_(-1, 1)
+    s.view(-1)[[3, 17, 41]] = float("nan")
+    s.view(-1)[7] = float("-inf")
+    n = s.numel()
+    for k in (0.5, 1 - 2 / n):
+        masking.refresh_masks(model, k)
+        kept = model[0].mask.view(-1)
+        assert int(kept.sum()) == masking.keep_count(k, n)
+        assert not kept[[17, 41]].any()  # non-finite last; among them the earliest first
+    s.view(-1)[: n // 2 + 10] = float("nan")  # a majority of NaNs
+    masking.refresh_masks(model, 0.8)
+    assert int(model[0].mask.sum()) == masking.keep_count(0.8, n)
+
+
+def test_plan_is_cached_not_rediscovered_each_step():
+    model = _linear_model(8, 6, 4)
+    masking.refresh_masks(model, 0.5)
+
+    def boom(*a, **k):
+        raise AssertionError("named_modules walked on the hot path")
+    model.named_modules = boom
+    masking.refresh_masks(model, 0.5)
+    with masking.grad_target(model, "scores"):
+        model(torch.randn(2, 8)).sum().backward()
+    del model.named_modules
+    masking.forget(model)
+    assert masking.plan(model) is not masking.plan(nn.Sequential())
+
+
+@pytest.mark.parametrize("k", [0.3, 0.05])
+def test_layer_scope_keeps_round_k_n_in_every_layer(k):
+    torch.manual_seed(0)
+    model = create_model("resnet20s", 10, "unstructured")
+    masking.init_scores(model, "magnitude")
+    masking.configure(model, _prune(k=k, scope="layer"))
+    masking.refresh_masks(model, k)
+    for name, m in masking.masked_layers(model):
+        assert int(m.mask.sum()) == _nearest(k, m.mask.numel()), name
+
+
+def _prune(**kw):
+    from bip.config import load_config
+    lt = kw.pop("layer_type", "unstructured")
+    return load_config([], ["run.stage=prune", f"prune.layer_type={lt}",
+                            *[f"prune.{k}={v}" for k, v in kw.items()]]).prune
+
+
+@pytest.mark.parametrize("floor", [0.001, 3])
+def test_floor_keeps_every_layer_and_the_exact_total(floor):
+    torch.manual_seed(0)
+    model = create_model("resnet20s", 10, "unstructured")
+    masking.init_scores(model, "magnitude")
+    with torch.no_grad():  # make the global top-k starve conv1 and fc completely
+        model.conv1.scores.mul_(1e-6)
+        model.fc.scores.mul_(1e-6)
+    k = 0.002
+    masking.refresh_masks(model, k)
+    assert int(model.conv1.mask.sum()) == 0 and int(model.fc.mask.sum()) == 0
+    masking.configure(model, _prune(k=k, min_layer_keep=floor))
+    masking.refresh_masks(model, k)
+    report = masking.sparsity_report(model)
+    assert report["kept"] == _nearest(k, report["total"])
+    for name, m in masking.masked_layers(model):
+        assert int(m.mask.sum()) >= masking.floor_count(floor, m.mask.numel()) > 0, name
+    # the floor's units are each layer's own top units
+    s, kept = model.fc.scores.abs().flatten(), model.fc.mask.flatten()
+    assert s[kept].min() >= s[~kept].max()
+
+
+def test_floor_above_the_budget_is_a_clear_error():
+    model = create_model("resnet20s", 10, "unstructured")
+    with pytest.raises(BipError, match="min_layer_keep"):
+        masking.configure(model, _prune(k=0.001, min_layer_keep=0.05))
+
+
+def test_skip_leaves_layers_dense_and_k_counts_the_pruned_layers():
+    torch.manual_seed(0)
+    model = create_model("resnet20s", 10, "unstructured")
+    masking.init_scores(model, "magnitude")
+    masking.configure(model, _prune(k=0.1, skip="first,classifier"))
+    masking.refresh_masks(model, 0.1)
+    report = masking.sparsity_report(model)
+    assert set(report["dense_layers"]) == {"conv1", "fc"}
+    assert model.conv1.mask.all() and model.fc.mask.all()
+    pruned = [m for n, m in masking.masked_layers(model) if n not in ("conv1", "fc")]
+    assert report["total"] == sum(m.mask.numel() for m in pruned)
+    assert report["kept"] == _nearest(0.1, report["total"])
+    assert not any(s is model.conv1.scores for s in masking.score_parameters(model))
+    masking.configure(model, _prune(k=0.1, skip="layer1.0.conv1"))
+    assert set(masking.sparsity_report(model)["dense_layers"]) == {"layer1.0.conv1"}
+    with pytest.raises(BipError, match="no conv or linear layer named 'conv9'"):
+        masking.configure(model, _prune(k=0.1, skip="conv9"))
+
+
+def _assert_nm(layer, n, m):
+    w = layer.mask
+    groups = w.permute(0, *range(2, w.dim()), 1).reshape(-1, m) if w.dim() > 2 else w.reshape(-1, m)
+    assert torch.all(groups.sum(1) == n)
+
+
+def test_nm_pattern_and_dense_layers():
+    torch.manual_seed(0)
+    model = create_model("resnet20s", 10, "nm")
+    masking.init_scores(model, "magnitude")
+    masking.configure(model, _prune(layer_type="nm"))
+    masking.refresh_masks(model, 0.5)
+    report = masking.sparsity_report(model)
+    assert report["dense_layers"] == {"conv1": "input size 3 is not a multiple of m=4"}
+    assert report["kept_fraction"] == 0.5
+    for name, layer in masking.masked_layers(model):
+        if name != "conv1":
+            _assert_nm(layer, 2, 4)
+    # groups run along the input channels at each kernel position: weights [out, kh, kw, in]
+    layer = model.layer1[0].conv1
+    s = layer.scores.detach().abs().permute(0, 2, 3, 1).reshape(-1, 4)
+    kept = layer.mask.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.all(s.gather(1, s.topk(2, dim=1).indices).min(1).values >= (s * ~kept).max(1).values)
+
+
+def test_structured_selection_works_on_2d_weights():
+    layer = MaskedLinear(6, 5, bias=False)
+    layer.granularity = "filter"  # the models helper enables structured Linear masks
+    layer.scores.data = torch.arange(30.0).view(5, 6) * torch.tensor([1.0, -1, 1, -1, 0.5])[:, None]
+    model = nn.Sequential(layer)
+    masking.refresh_masks(model, 0.4)
+    assert layer.mask.all(1).tolist() == [False, False, True, True, False]  # largest row norms
+    layer.granularity = "channel"
+    masking.forget(model)
+    masking.refresh_masks(model, 0.5)
+    assert layer.mask.all(0).tolist() == [False, False, False, True, True, True]
 
 
 def test_tiny_layers():
@@ -138,3 +282,20 @@ def test_mask_is_a_pure_function_of_scores():
 def test_dense_layer_factory_is_plain():
     f = LayerFactory("dense")
     assert type(f.conv(3, 4, 3)) is nn.Conv2d and type(f.linear(3, 4)) is nn.Linear
+
+
+@pytest.mark.parametrize("layer_type,extra", [("nm", {}), ("unstructured", {"skip": "first,classifier"})])
+def test_report_and_effective_counts_agree(layer_type, extra):
+    from bip.export import count_params_and_macs
+    torch.manual_seed(0)
+    model = create_model("resnet20s", 10, layer_type)
+    masking.init_scores(model, "magnitude")
+    budget = {} if layer_type == "nm" else {"k": 0.2}
+    masking.configure(model, _prune(layer_type=layer_type, **budget, **extra))
+    masking.refresh_masks(model, 0.5 if layer_type == "nm" else 0.2)
+    report = masking.sparsity_report(model)
+    counts = count_params_and_macs(model, (3, 32, 32))
+    pruned_weights = report["weights_total"] - report["weights_kept"]
+    assert counts["params_dense"] - counts["params_effective"] == pruned_weights
+    dense = sum(m.weight.numel() for n, m in masking.masked_layers(model) if n in report["dense_layers"])
+    assert report["weights_kept"] == dense + report["kept"]  # units are weights here

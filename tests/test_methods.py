@@ -446,14 +446,60 @@ def _batch(seed=0):
 
 
 @pytest.mark.parametrize("method_name", ["hydra", "bip"])
-def test_mask_recomputed_exactly_once_per_step(method_name):
+def test_mask_recomputed_exactly_once_per_step(method_name, monkeypatch):
     model = _small_model()
     method = create_method(prune_cfg(f"prune.method={method_name}", "prune.k=0.3"), model)
-    layer = masking.masked_layers(model)[0][1]
-    start = layer.mask_version
+    calls = []
+    refresh = masking.refresh_masks
+    monkeypatch.setattr(masking, "refresh_masks", lambda *a, **k: (calls.append(1), refresh(*a, **k)))
     for i in range(3):
         method.step([_batch(i), _batch(i + 10)][:method.streams], i / 3)
-    assert layer.mask_version - start == 3
+    assert len(calls) == 3
+
+
+def _nm_model():
+    torch.manual_seed(0)
+    return nn.Sequential(MaskedConv2d(3, 8, 3, padding=1, bias=False, granularity="nm"), nn.BatchNorm2d(8),
+                         nn.ReLU(), MaskedConv2d(8, 8, 3, padding=1, bias=False, granularity="nm"),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), MaskedLinear(8, 5, granularity="nm"))
+
+
+def _groups(mask, m):
+    """Groups of m consecutive weights along the input dimension ([out, kh, kw, in] for convs)."""
+    return (mask.permute(0, 2, 3, 1) if mask.dim() == 4 else mask).reshape(-1, m)
+
+
+@pytest.mark.parametrize("method_name", ["hydra", "bip", "omp"])
+def test_nm_pattern_exact_after_training_steps(method_name):
+    model = _nm_model()
+    cfg = load_config([], ["run.stage=prune", "prune.layer_type=nm", f"prune.method={method_name}",
+                           "prune.score_init=magnitude", "optim.lr=100", "bip.beta=100"])  # masks move
+    assert cfg.prune.k == 0.5  # k of an nm mask is n / m
+    method = create_method(cfg, model)
+    before = [m.mask.clone() for m in (model[3], model[6])]
+    for i in range(0 if method.one_shot else 4):
+        method.step([_batch(i), _batch(i + 10)][:method.streams], i / 4)
+    for layer in (model[3], model[6]):
+        assert torch.all(_groups(layer.mask, 4).sum(1) == 2)
+    assert model[0].mask.all()  # 3 input channels: not a multiple of 4, left dense
+    if method_name == "omp":  # magnitude: the 2 largest |W| of every group
+        w, kept = _groups(model[3].weight.detach().abs(), 4), _groups(model[3].mask, 4)
+        assert torch.all((w * kept).max(1).values >= w.max(1).values)
+        smallest_kept = w.masked_fill(~kept, float("inf")).min(1).values
+        assert torch.all(smallest_kept >= w.masked_fill(kept, -1).max(1).values)
+    else:
+        assert any(not torch.equal(b, m.mask) for b, m in zip(before, (model[3], model[6])))
+
+
+@pytest.mark.parametrize("method_name", ["hydra", "bip"])
+def test_layer_scope_after_training_steps(method_name):
+    model = _small_model()
+    cfg = prune_cfg(f"prune.method={method_name}", "prune.k=0.3", "prune.scope=layer")
+    method = create_method(cfg, model)
+    for i in range(3):
+        method.step([_batch(i), _batch(i + 10)][:method.streams], i / 3)
+    for _, m in masking.masked_layers(model):
+        assert int(m.mask.sum()) == masking.keep_count(0.3, m.mask.numel())
 
 
 def test_hydra_trains_scores_and_bn_not_weights():
