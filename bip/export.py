@@ -9,17 +9,28 @@ import torch
 import torch.nn as nn
 
 from bip.layers import MaskedLayer
+from bip.models.swap import MaskedMultiheadAttention
 
 
 @torch.no_grad()
 def count_params_and_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    attention = [m for m in model.modules() if isinstance(m, MaskedMultiheadAttention)]
     positions: dict[int, int] = {}
 
     def record(module, _inputs, output):
-        positions[id(module)] = output[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+        # conv: output pixels; linear: tokens (1 for a flat vector, L for a sequence)
+        positions[id(module)] = output[0, 0].numel() if isinstance(module, nn.Conv2d) \
+            else output[0].numel() // output.shape[-1]
+
+    def record_attention(module, _inputs, output):
+        # Its projections run inside the attention kernel, not through their forward: one
+        # token count for both (exact for self-attention, the ViT case).
+        out = output[0] if module.batch_first else output[0].transpose(0, 1)
+        positions[id(module.in_proj)] = positions[id(module.out_proj)] = out[0].numel() // out.shape[-1]
 
     handles = [m.register_forward_hook(record) for m in layers]
+    handles += [m.register_forward_hook(record_attention) for m in attention]
     was_training = model.training
     model.eval()
     try:
@@ -73,7 +84,8 @@ def main(argv=None) -> int:
         meta = ckpt.get("meta") or {}
         if "num_classes" not in meta:
             raise BipError(f"{args.run_dir / identity.CHECKPOINT} is not a bip run checkpoint")
-        model = create_model(meta["arch"], meta["num_classes"], meta["layer_type"])
+        model = create_model(meta["arch"], meta["num_classes"], meta["layer_type"],
+                             **meta.get("model_options", {}))
         model.load_state_dict(ckpt["model"])
         out = args.out or args.run_dir / "dense.pt"
         checkpoint.save(out, dense_state_dict(model))

@@ -89,7 +89,10 @@ def config_hash(cfg: Config) -> str:
 
 def run_id(cfg: Config) -> str:
     method = cfg.prune.method if cfg.run.stage == "finetune" else cfg.method
-    return f"{cfg.data.dataset}-{cfg.model.arch}-{cfg.run.stage}-{method}-{config_hash(cfg)}"
+    # tv:/timm: archs hold a ':' (not allowed in Windows paths, a separator in PATH-like lists);
+    # the hash covers the exact arch, so the mapped name cannot collide.
+    arch = cfg.model.arch.replace(":", "-")
+    return f"{cfg.data.dataset}-{arch}-{cfg.run.stage}-{method}-{config_hash(cfg)}"
 
 
 def run_dir(cfg: Config, root: str | Path | None = None) -> Path:

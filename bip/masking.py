@@ -3,9 +3,9 @@
 Kept counts (k = fraction KEPT):
 - unstructured: ONE global top-k over the |scores| of every masked conv and linear weight;
   per-layer densities are free. Kept = round(k * N), N = all masked weights.
-- filter / channel: per conv layer, the round(k * n) filters (output channels) / input
-  channels with the largest L2 norm of |scores| are kept, n = filters / channels of that layer,
-  at least one per layer.
+- filter / channel: per masked layer, the round(k * n) filters (output channels; a linear
+  layer's output rows) / input channels (input columns) with the largest L2 norm of |scores|
+  are kept, n = filters / channels of that layer, at least one per layer.
 round(x) is floor(x + 1/2). The ``reference`` count rule reproduces the released code instead:
 it zeroes floor((1 - k) * n) units (computed in double), e.g. k = 0.8, n = 10 keeps 9.
 Ties at the threshold are broken deterministically: the earlier position (in the flat order of
@@ -107,7 +107,8 @@ def refresh_masks(model: nn.Module, k: float, rule: str = "nearest") -> None:
             continue
         norms = _unit_norms(m)
         keep = top_mask(norms, keep_count(k, norms.numel(), rule))
-        shape = (-1, 1, 1, 1) if m.granularity == "filter" else (1, -1, 1, 1)
+        shape = [1] * m.mask.dim()  # conv (4-D) and linear (2-D) weights alike
+        shape[0 if m.granularity == "filter" else 1] = -1
         m.mask.copy_(keep.view(shape).expand_as(m.mask))
         m.mask_version += 1
 
