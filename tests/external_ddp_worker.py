@@ -1,7 +1,7 @@
 """Run under torchrun (2 CPU processes, gloo): one hydra (unstructured) and one bip (paper;
-filter) step on each torchvision / timm model given on the command line, through accelerate's DDP wrapper, each rank
-on its own batch; then checks that both ranks hold identical parameters and masks. Prints one
-JSON line on rank 0: {arch: {method: {"identical": bool, "kept_fraction": float, "world": 2}}}."""
+filter) step on each torchvision / timm model given on the command line, through accelerate's
+DDP wrapper, each rank on its own batch; then checks that both ranks hold identical parameters
+and masks. Prints one JSON line on rank 0: {arch: {method: {"identical": bool, "kept_fraction": float, "world": 2}}}."""
 import json
 import sys
 

@@ -148,7 +148,8 @@ def test_skip_options_leave_exactly_those_layers_dense():
     assert set(dense) == {"features.0.0", "classifier.3"} | depthwise and len(depthwise) == 11
     model = create_model("tv:convnext_tiny", 10, "filter", input_size=32, skip=("patch_embed",))
     # the 4x4/4 stem and the three 2x2/2 downsampling convs
-    assert sorted(dict(_dense_layers(model))) == ["features.0.0", "features.2.1", "features.4.1", "features.6.1"]
+    assert sorted(dict(_dense_layers(model))) == ["features.0.0", "features.2.1", "features.4.1",
+                                                  "features.6.1"]
     with pytest.raises(BipError, match="apply to tv:/timm: models"):
         create_model("resnet20s", 10, "unstructured", skip=("classifier",))
 
@@ -205,12 +206,19 @@ class _Conv1dInside(nn.Module):
 @pytest.mark.parametrize("model, uncovered", [
     (_MatmulHead, "proj (used directly by matmul)"),
     (_ReadsChildWeight, "fc.weight (used directly by linear)"),
-    (_Conv1dInside, "conv.weight (Conv1d is not swappable)"),
+    (_Conv1dInside, "conv.weight (torch.nn.modules.conv.Conv1d is not swappable)"),
 ])
 def test_uncovered_parameters_are_a_clear_error(model, uncovered):
     with pytest.raises(BipError, match="cannot cover 1 parameter") as err:
         swap_layers(model(), "unstructured", input_size=8)
     assert uncovered in str(err.value) and "\n" not in str(err.value)
+
+
+def test_torchvision_swin_is_refused_not_half_masked():
+    """Its window attention calls F.linear on its qkv / proj children's raw weights."""
+    with pytest.raises(BipError, match=r"tv:swin_t: .* cannot cover 24 parameter\(s\).*"
+                                       r"features.1.0.attn.qkv.weight \(used directly by linear\)"):
+        create_model("tv:swin_t", 10, "unstructured", input_size=32)
 
 
 def test_masked_attention_matches_torch_and_honours_the_mask():
@@ -387,3 +395,40 @@ def test_two_processes_stay_identical_on_every_model():
         for name, entry in methods.items():
             assert entry["world"] == 2 and entry["identical"], (arch, name)
             assert abs(entry["kept_fraction"] - K) < 0.02, (arch, name)
+
+
+def test_shipped_imagenet_grid_expands_from_the_weights_file(tmp_path):
+    """configs/grids/imagenet_tv_resnet50.yml with its weights path pointed at a stand-in file."""
+    from launch import sweep
+    weights = tmp_path / "resnet50-0676ba61.pth"
+    weights.write_bytes(b"stand-in")  # hashed by content, never loaded here
+    doc = yaml.safe_load((HERE.parent / "configs/grids/imagenet_tv_resnet50.yml").read_text())
+    doc["stages"]["pretrain"]["source"] = str(weights)
+    path = tmp_path / "grid.yml"
+    path.write_text(yaml.safe_dump(doc))
+    plan = sweep.load_grid(path, tmp_path / "runs")
+    assert list(plan.runs) == ["prune"] and len(plan.runs["prune"]) == 3
+    cfg = plan.runs["prune"][0].cfg
+    assert (cfg.model.arch, cfg.prune.method, cfg.data.loader, cfg.run.source_net) == \
+        ("tv:resnet50", "bip", "ffcv", str(weights))
+    assert plan.runs["prune"][0].key.startswith("ImageNet-tv-resnet50-prune-bip-")
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 3)
+        self.head = nn.Linear(3, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(x.mean((2, 3)))
+
+
+def test_tied_weights_are_refused_and_shared_modules_swapped_once():
+    with pytest.raises(BipError, match="tied weights .embed.weight is head.weight"):
+        swap_layers(_TiedHead(), "unstructured", input_size=4)
+    shared = nn.Conv2d(3, 3, 1)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Flatten(), nn.Linear(48, 10))
+    summary = swap_layers(model, "unstructured", input_size=4)
+    assert model[0] is model[2] and isinstance(model[0], MaskedConv2d) and summary.masked == ["0", "4"]

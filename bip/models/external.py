@@ -122,10 +122,8 @@ def layer_names(arch: str, model: nn.Module) -> tuple[tuple[str, ...], str]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     classifier, first = cfg.get("classifier") or (), cfg.get("first_conv") or ""
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    modules = dict(model.named_modules())
-    # timm names the classifier's weight-holding module; some entries name a container.
-    classifier = tuple(n for n in classifier if n in modules)
-    return classifier, first if first in modules else ""
+    modules = dict(model.named_modules())  # a stale name (head replaced) is ignored
+    return tuple(n for n in classifier if n in modules), first if first in modules else ""
 
 
 class ResizeInput:

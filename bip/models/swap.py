@@ -34,6 +34,7 @@ elementwise or as lookups (position embeddings, class tokens, relative-position 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,9 @@ WEIGHT_OPS = frozenset({
     "tensordot", "multi_head_attention_forward", "_native_multi_head_attention",
     "_transformer_encoder_layer_fwd", "lstm", "gru", "rnn_tanh", "rnn_relu"})
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention, nn.RNNBase)
+# Subclasses with their own forward that computes exactly the stock layer's (outside
+# TorchScript): swapped like the stock layers. timm uses this Linear for some classifiers.
+_EQUIVALENT = frozenset({"timm.layers.linear.Linear"})
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -119,7 +123,12 @@ class SwapSummary:
 
 
 def _stock(m: nn.Module, base: type, *methods: str) -> bool:
-    return isinstance(m, base) and all(getattr(type(m), f) is getattr(base, f) for f in methods)
+    return isinstance(m, base) and (_qualname(m) in _EQUIVALENT or
+                                    all(getattr(type(m), f) is getattr(base, f) for f in methods))
+
+
+def _qualname(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def swap_layers(model: nn.Module, layer_type: str, skip=(), input_size: int = 224,
@@ -139,9 +148,9 @@ def swap_layers(model: nn.Module, layer_type: str, skip=(), input_size: int = 22
 
     def reason(name: str, m: nn.Module) -> str:
         conv = isinstance(m, nn.Conv2d)
-        if "classifier" in skip and name in classifier:
+        if "classifier" in skip and _under(name, classifier):
             return "classifier (model.skip_classifier)"
-        if "first_conv" in skip and name == first_conv:
+        if "first_conv" in skip and _under(name, {first_conv}):
             return "first conv (model.skip_first_conv)"
         if conv and "depthwise" in skip and m.groups == m.in_channels > 1:
             return "depthwise conv (model.skip_depthwise)"
@@ -152,7 +161,9 @@ def swap_layers(model: nn.Module, layer_type: str, skip=(), input_size: int = 22
         return ""
 
     def visit(module: nn.Module, prefix: str) -> None:
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):  # named_children hides repeats
+            if child is None:
+                continue
             name = f"{prefix}{child_name}"
             if id(child) in done:  # a module shared by two parents is swapped once
                 setattr(module, child_name, done[id(child)])
@@ -167,7 +178,8 @@ def swap_layers(model: nn.Module, layer_type: str, skip=(), input_size: int = 22
                 if why:
                     summary.skipped[name] = why
                 else:
-                    new = (MaskedConv2d if isinstance(child, nn.Conv2d) else MaskedLinear).from_dense(child, layer_type)
+                    kind = MaskedConv2d if isinstance(child, nn.Conv2d) else MaskedLinear
+                    new = kind.from_dense(child, layer_type)
             else:
                 visit(child, name + ".")
                 continue
@@ -186,14 +198,22 @@ def swap_layers(model: nn.Module, layer_type: str, skip=(), input_size: int = 22
     return summary
 
 
+def _under(name: str, roots: set[str]) -> bool:
+    """``name`` is one of ``roots`` or inside one (a config may name a container)."""
+    return any(r and (name == r or name.startswith(r + ".")) for r in roots)
+
+
 def _check_tied(model: nn.Module) -> None:
-    owners: dict[int, str] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, _WEIGHTED):
-            for pname, p in m.named_parameters(recurse=False):
-                if owners.setdefault(id(p), f"{name}.{pname}") != f"{name}.{pname}" and p.dim() >= 2:
-                    raise BipError(f"tied weights ({owners[id(p)]} is {name}.{pname}): masking one "
-                                   "layer would change the other; such models are not supported")
+    """A conv/linear weight that is also another module's parameter (an embedding tied to the
+    output layer) would be masked, and zeroed, for both."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in model.named_modules():  # a module shared by two parents is one owner
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((f"{name}.{pname}", m))
+    for names in owners.values():
+        if len(names) > 1 and any(isinstance(m, _WEIGHTED) for _, m in names):
+            raise BipError(f"tied weights ({' is '.join(n for n, _ in names)}): masking one layer "
+                           "would change the other; such models are not supported")
 
 
 def uncovered_parameters(model: nn.Module, skipped: set[str], input_size: int) -> dict[str, str]:
@@ -203,7 +223,7 @@ def uncovered_parameters(model: nn.Module, skipped: set[str], input_size: int) -
         if isinstance(m, _WEIGHTED) and not isinstance(m, MaskedLayer) and name not in skipped:
             for pname, p in m.named_parameters(recurse=False):
                 if p.dim() >= 2:
-                    out[f"{name}.{pname}"] = f"{type(m).__name__} is not swappable"
+                    out[f"{name}.{pname}"] = f"{_qualname(m)} is not swappable"
     allowed = {f"{name}.{p}" for name in skipped for p, _ in model.get_submodule(name).named_parameters()}
     for pname, op in _weight_uses(model, input_size).items():
         if pname not in allowed and pname not in out:
@@ -211,46 +231,51 @@ def uncovered_parameters(model: nn.Module, skipped: set[str], input_size: int) -
     return out
 
 
-def _run_meta(model: nn.Module, input_size: int, make_mode=None):
-    """One eval-mode forward of ``model`` on meta tensors (shapes only: no compute, nothing
-    allocated, no state changed). ``make_mode(meta tensors by name)`` may give a
-    TorchFunctionMode to run it under; it is returned."""
-    tensors = {n: torch.empty_like(t, device="meta") for n, t in
-               list(model.named_parameters()) + list(model.named_buffers())}
-    mode = make_mode(tensors) if make_mode else contextlib.nullcontext()
-    was_training = model.training
-    model.eval()
+def _meta_clone(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are meta tensors (nothing allocated, the
+    model untouched; shared modules and tensors stay shared). torch.func.functional_call is not
+    used: it leaves a module shared by two parents holding meta tensors."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _run_meta(model: nn.Module, input_size: int, prepare=None):
+    """One eval-mode forward of a meta copy of ``model`` (shapes only: no compute, no state
+    changed). ``prepare(copy)`` may register hooks on the copy and return a TorchFunctionMode to
+    run it under; that mode is returned."""
+    clone = _meta_clone(model).eval()
+    mode = prepare(clone) if prepare else contextlib.nullcontext()
     try:
         with torch.no_grad(), mode:
-            torch.func.functional_call(model, tensors, (torch.empty(1, 3, input_size, input_size, device="meta"),))
+            clone(torch.empty(1, 3, input_size, input_size, device="meta"))
     except Exception as err:  # noqa: BLE001 (any model code can fail here)
         raise BipError(f"cannot run the model's forward at input size {input_size} on meta "
                        f"tensors to map its layers ({type(err).__name__}: {str(err)[:200]}); "
                        "set model.input_size if the model needs another size") from None
-    finally:
-        model.train(was_training)
     return mode
 
 
 def forward_order(model: nn.Module, input_size: int) -> list[str]:
     """Module names in the order the forward first calls them."""
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
-             for name, m in model.named_modules() if name]
-    try:
-        _run_meta(model, input_size)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def hooks(clone):
+        for name, m in clone.named_modules():
+            if name:
+                m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
+        return contextlib.nullcontext()
+    _run_meta(model, input_size, hooks)
     return list(dict.fromkeys(order))
 
 
 class _WeightUses(TorchFunctionMode):
     """Records which >= 2-D parameters (or views of them) reach a weight op directly."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], names: list[str]):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.params = {id(tensors[n]): n for n in names}
+        self.params = {id(p): n for n, p in model.named_parameters() if p.dim() >= 2}
         self.uses: dict[str, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -276,5 +301,4 @@ def _tensors(obj):
 
 
 def _weight_uses(model: nn.Module, input_size: int) -> dict[str, str]:
-    names = [n for n, p in model.named_parameters() if p.dim() >= 2]
-    return _run_meta(model, input_size, lambda tensors: _WeightUses(tensors, names)).uses
+    return _run_meta(model, input_size, _WeightUses).uses
