@@ -78,6 +78,12 @@ def _check_kept(model, layer_type):
     return report
 
 
+def _fingerprint(t):
+    """Changes when any entry of ``t`` changes (up to float64 coincidence)."""
+    t = t.detach().double().flatten()
+    return torch.stack([t.sum(), (t * torch.arange(1, len(t) + 1, dtype=torch.float64)).sum()])
+
+
 # Each model: hydra (unstructured) and bip (filter, channel). One method per layer type keeps
 # ViT-B's 86M-score global top-k (seconds on 2 cores) to two selections.
 PLAN = [("unstructured", "hydra"), ("filter", "bip"), ("channel", "bip")]
@@ -97,16 +103,16 @@ def test_prune_steps_and_sparsity_report(arch):
             assert len(layers) == 12 * 4 + 2
             assert sum(isinstance(m, MaskedMultiheadAttention) for m in model.modules()) == 12
         method = create_method(_prune_cfg(layer_type, method_name), model)
-        weights = {n: m.weight.detach().clone() for n, m in layers}
-        scores = {n: m.scores.detach().clone() for n, m in layers}
+        weights = {n: _fingerprint(m.weight) for n, m in layers}  # ViT-B: no 2 x 86M copies
+        scores = {n: _fingerprint(m.scores) for n, m in layers}
         stats = method.step(_batches(), 0.0)
         assert torch.isfinite(stats["loss"])
         # Every masked layer is in the autograd graph of the loss (a layer the forward skips keeps
         # grad None). Some may get an exact 0 in a random net (a dead ReLU), not all of them.
         assert all(m.scores.grad is not None for _, m in layers), method_name
         assert sum(bool(m.scores.grad.any()) for _, m in layers) > 0.9 * len(layers)
-        assert sum(not torch.equal(m.scores, scores[n]) for n, m in layers) > 0.9 * len(layers)
-        moved = [n for n, m in layers if not torch.equal(m.weight, weights[n])]
+        assert sum(not torch.equal(_fingerprint(m.scores), scores[n]) for n, m in layers) > 0.9 * len(layers)
+        moved = [n for n, m in layers if not torch.equal(_fingerprint(m.weight), weights[n])]
         if method_name == "hydra":
             assert moved == []  # weights frozen
         else:  # bip's lower level trains the weights
