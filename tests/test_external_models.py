@@ -438,3 +438,13 @@ def test_tied_weights_are_refused_and_shared_modules_swapped_once():
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Flatten(), nn.Linear(48, 10))
     summary = swap_layers(model, "unstructured", input_size=4)
     assert model[0] is model[2] and isinstance(model[0], MaskedConv2d) and summary.masked == ["0", "4"]
+
+
+def test_same_seed_same_masked_model():
+    """The build-time meta forwards draw no random numbers: a seed fixes weights and scores."""
+    states = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        states.append(create_model("tv:mobilenet_v3_small", 10, "unstructured", input_size=32).state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
