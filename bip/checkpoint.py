@@ -45,7 +45,10 @@ def load(path: str | Path, what: str = "checkpoint") -> dict:
 
 def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state_dict, meta) of a model to start from: our checkpoint, the reference
-    code's checkpoint ({'state_dict': ...}), or a bare state_dict."""
+    code's checkpoint ({'state_dict': ...}), a bare state_dict (what torch.hub caches for
+    torchvision), or a .safetensors file (timm's hub files)."""
+    if Path(path).suffix == ".safetensors":
+        return _safetensors(Path(path)), {}
     obj = load(path, "source checkpoint")
     ours = obj.get("format") == FORMAT
     state = obj.get("model") if ours else obj.get("state_dict", obj)
@@ -57,6 +60,22 @@ def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         return state, meta if isinstance(meta, dict) else {}
     # DataParallel / DDP prefixes from other tools.
     return {k.removeprefix("module."): v for k, v in state.items()}, {}
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BipError(f"source checkpoint not found: {path}")
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise BipError(f"{path}: reading .safetensors needs the safetensors package "
+                       "(pip install 'bip[timm]')") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BipError(f"source checkpoint {path} is corrupt or not a safetensors file "
+                       f"({type(err).__name__})") from None
 
 
 def rng_state() -> dict:

@@ -86,8 +86,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "resnet20s"
+    arch: str = "resnet20s"         # built-in name, tv:<torchvision model> or timm:<timm model>
     num_classes: int = 0            # 0 = the dataset's number of classes
+    input_size: int = 0             # model input resolution; other sizes are resized on the device.
+                                    # 0 = tv:/timm: the pretrained size, built-ins: the data's
+    skip_first_conv: bool = False   # tv:/timm: leave these layers dense (bip.models.swap)
+    skip_classifier: bool = False
+    skip_depthwise: bool = False
+    skip_patch_embed: bool = False
+
+    def __post_init__(self):
+        if self.input_size < 0:
+            raise BipError(f"model.input_size must be >= 0, got {self.input_size}")
 
     def __post_init__(self):
         check_name("model.arch", self.arch)

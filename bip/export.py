@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from bip.layers import MaskedLayer
+from bip.models.swap import MaskedMultiheadAttention
 
 THIN_FORMAT = "bip-thin-1"
 FINAL = "final.pt"  # the published model of a finished run; older runs have only checkpoint.pt
@@ -33,12 +34,22 @@ TOLERANCE = 1e-4
 @torch.no_grad()
 def count_params_and_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    attention = [m for m in model.modules() if isinstance(m, MaskedMultiheadAttention)]
     positions: dict[int, int] = {}
 
     def record(module, _inputs, output):
-        positions[id(module)] = output[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+        # conv: output pixels; linear: tokens (1 for a flat vector, L for a sequence)
+        positions[id(module)] = output[0, 0].numel() if isinstance(module, nn.Conv2d) \
+            else output[0].numel() // output.shape[-1]
+
+    def record_attention(module, _inputs, output):
+        # Its projections run inside the attention kernel, not through their forward: one
+        # token count for both (exact for self-attention, the ViT case).
+        out = output[0] if module.batch_first else output[0].transpose(0, 1)
+        positions[id(module.in_proj)] = positions[id(module.out_proj)] = out[0].numel() // out.shape[-1]
 
     handles = [m.register_forward_hook(record) for m in layers]
+    handles += [m.register_forward_hook(record_attention) for m in attention]
     was_training = model.training
     model.eval()
     try:
@@ -165,7 +176,8 @@ def load_run(run_dir: Path) -> tuple[nn.Module, dict]:
     meta = {**_result_meta(run_dir), **meta}
     if "num_classes" not in meta:
         raise BipError(f"{path} is not a bip run checkpoint (no meta.num_classes)")
-    model = create_model(meta["arch"], meta["num_classes"], meta["layer_type"])
+    model = create_model(meta["arch"], meta["num_classes"], meta["layer_type"],
+                         **meta.get("model_options", {}))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

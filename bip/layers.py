@@ -96,21 +96,44 @@ class MaskedLayer:
         return _MaskedWeight.apply(weight, scores, self.mask, self.ig_coeff, sink)
 
 
+    @classmethod
+    def from_dense(cls, dense: nn.Module, granularity: str):
+        """A masked layer that adopts ``dense``'s weight and bias Parameters (no copy: a state
+        dict of the dense layer loads into it unchanged), with fresh scores and an all-ones mask.
+        Built on the meta device first, so the weight is never allocated twice."""
+        layer = cls._like(dense)
+        layer.weight, layer.bias = dense.weight, dense.bias
+        layer.train(dense.training)
+        layer._init_masking(granularity)
+        return layer
+
+
 class MaskedConv2d(nn.Conv2d, MaskedLayer):
     def __init__(self, *args, granularity: str = "unstructured", **kwargs):
         super().__init__(*args, **kwargs)
         self._init_masking(granularity)
+
+    @classmethod
+    def _like(cls, c: nn.Conv2d) -> "MaskedConv2d":
+        return cls(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
+                   c.groups, c.bias is not None, c.padding_mode, device="meta", dtype=c.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)
 
 
 class MaskedLinear(nn.Linear, MaskedLayer):
+    """filter = output rows, channel = input columns of the weight (tv:/timm: models; the
+    built-in models keep their linear layers dense in those modes, see LayerFactory)."""
+
     def __init__(self, *args, granularity: str = "unstructured", **kwargs):
-        if granularity not in ("unstructured", "nm"):
-            raise ValueError("linear layers are only masked in unstructured and nm mode")
         super().__init__(*args, **kwargs)
         self._init_masking(granularity)
+
+    @classmethod
+    def _like(cls, lin: nn.Linear) -> "MaskedLinear":
+        return cls(lin.in_features, lin.out_features, lin.bias is not None, device="meta",
+                   dtype=lin.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight(), self.bias)

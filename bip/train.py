@@ -8,6 +8,7 @@ returns it without training. A run with a ``checkpoint.pt`` resumes from it exac
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,8 @@ from bip.data.loaders import build_loaders
 from bip.errors import BipError
 from bip.export import count_params_and_macs
 from bip.methods import autocast, create_method
-from bip.models import create_model, model_builder
+from bip.models import create_model, model_builder, model_options
+from bip.models.external import input_defaults, is_external
 from bip.names import check_root
 from bip.nonfinite import NonFiniteGuard
 from bip.provenance import provenance, seed_everything
@@ -62,8 +64,10 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
     resuming = resume_path.is_file() or bool(cfg.run.resume)
     # ffcv brings its own images: only the dataset's description is needed (no raw files).
     spec = (describe_dataset if cfg.data.loader == "ffcv" else load_dataset)(cfg.data, cfg.model.num_classes)
+    spec = model_input(cfg, spec)
     # On the device before any aliasing (reference BiP) or optimizer references are made.
-    model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type).to(accelerator.device)
+    model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type,
+                         **model_options(cfg.model)).to(accelerator.device)
     if source is not None:
         load_source(cfg, model, source)
     elif cfg.run.stage != "pretrain" and not resuming:
@@ -203,6 +207,19 @@ def load_source(cfg: Config, model: torch.nn.Module, path: Path) -> None:
         masking.refresh_masks(model, cfg.prune.k)  # a released-code checkpoint: scores only
 
 
+def model_input(cfg: Config, spec):
+    """tv:/timm: models see images normalised with their pretrained mean/std (when
+    data.normalize) and, for ImageNet-style data without data.image_size, cropped at their
+    input size; small datasets keep their size and the model resizes on the device."""
+    if not is_external(cfg.model.arch):
+        return spec
+    native = input_defaults(cfg.model.arch)
+    changes = {"mean": native.mean, "std": native.std} if native.mean else {}
+    if spec.style == "imagenet" and not cfg.data.image_size:
+        changes["image_size"] = cfg.model.input_size or native.size
+    return dataclasses.replace(spec, **changes)
+
+
 def _rewind_path(cfg: Config, source: Path | None) -> Path:
     if source is None:
         raise BipError("imp needs a source run (its rewind.pt holds the early weights)")
@@ -271,7 +288,8 @@ def _meta(cfg: Config, num_classes: int) -> dict:
     return {"stage": cfg.run.stage, "method": _method_label(cfg),
             "layer_type": cfg.prune.layer_type, "k": cfg.prune.k, "arch": cfg.model.arch,
             "dataset": cfg.data.dataset, "run_id": identity.run_id(cfg), "seed": cfg.run.seed,
-            "num_classes": num_classes, "n": cfg.prune.n, "m": cfg.prune.m}  # n, m: N:M masks
+            "num_classes": num_classes, "n": cfg.prune.n, "m": cfg.prune.m,  # n, m: N:M masks
+            "model_options": model_options(cfg.model)}
 
 
 def _method_label(cfg: Config) -> str:

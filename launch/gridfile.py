@@ -9,6 +9,8 @@ A grid is a mapping::
     resources: {time_min: 120}      # profile keys overridden for every stage
     stages:                         # pretrain and/or prune, optional finetune (needs prune)
       pretrain: {configs: [configs/{dataset}/pretrain.yml], set: {...}, resources: {...}}
+      # or, to start every prune run from a published state dict instead (no pretrain job;
+      # the prune runs get run.source_net=PATH):   pretrain: {source: PATH}
       prune:    {configs: ["configs/{dataset}/{method}.yml"]}
       finetune: {configs: [configs/{dataset}/finetune.yml], methods: [hydra]}
       export:   {thin: true, latency: [1, 64], onnx: false}   # optional: see EXPORT_KEYS
@@ -52,7 +54,8 @@ GRID_KEYS = ("name", "profile", "root", "set", "resources", "stages", "axes", "z
 # stages.export: option -> (type, default), the arguments of bip.export.export_run.
 EXPORT_KEYS = {"thin": (bool, True), "onnx": (bool, False), "latency": (list, [64]),
                "nm_sparse": (bool, False), "input_size": (int, 0)}
-STAGE_KEYS = {"pretrain": ("configs", "set", "resources"), "prune": ("configs", "set", "resources"),
+STAGE_KEYS = {"pretrain": ("configs", "set", "resources", "source"),
+              "prune": ("configs", "set", "resources"),
               "finetune": ("configs", "set", "resources", "methods")}
 
 
@@ -107,6 +110,14 @@ def stages_of(value: Any, where: str) -> dict[str, dict]:
             if not isinstance(methods, list) or not set(methods) <= set(METHODS):
                 raise BipError(f"{where}: stages.finetune.methods must list some of: {', '.join(METHODS)}")
             out[stage] = {**spec, "configs": configs, "methods": methods}
+    source = out.get("pretrain", {}).get("source")
+    if source is not None:
+        if not isinstance(source, str) or not source or set(out["pretrain"]) & {"set", "resources"} \
+                or out["pretrain"]["configs"]:
+            raise BipError(f"{where}: stages.pretrain.source is the path of a state dict file, "
+                           "given alone (no configs, set or resources: no pretrain job runs)")
+        if "prune" not in out:
+            raise BipError(f"{where}: stages.pretrain.source needs a prune stage")
     return out
 
 

@@ -66,6 +66,7 @@ def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
     name = check_name(f"{path}: grid name (set `name:`)", doc.get("name") or path.stem, prefix=False)
     where = f"grid {name}"
     stages = stages_of(doc.get("stages"), where)
+    source = _pretrain_source(stages, where)
     axes, groups = axes_of(doc, stages, where)
     cells = [sum(combo, ()) for combo in itertools.product(*groups)]
     given = root if root is not None else doc.get("root") or "runs"
@@ -74,7 +75,7 @@ def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
     resources = {s: {**mapping(doc.get("resources"), f"{where}: resources"),
                      **mapping(stages[s].get("resources"), f"{where}: stages.{s}.resources")}
                  for s in stages}
-    runs = _with_export(_expand(name, stages, cells, common, root, where),
+    runs = _with_export(_expand(name, stages, cells, common, root, where, source),
                         export_of(doc.get("stages"), where))
     return Plan(name=name, path=path, root=root, profile=str(doc.get("profile") or ""),
                 resources=resources, runs=runs, cells=len(cells))
@@ -140,8 +141,19 @@ def find_file(text: str) -> Path:
     raise BipError(f"config file not found: {text} (looked in {Path.cwd()} and {REPO})")
 
 
+def _pretrain_source(stages: dict, where: str) -> str:
+    """``pretrain: {source: PATH}``: drop the pretrain stage; the prune runs start from PATH
+    (checked now, before anything is submitted; resolved, so jobs find it from any folder)."""
+    if "source" not in stages.get("pretrain", {}):
+        return ""
+    path = Path(stages.pop("pretrain")["source"]).expanduser()
+    if not path.is_file():
+        raise BipError(f"{where}: stages.pretrain.source: file not found: {path}")
+    return str(path.resolve())
+
+
 def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Path,
-            where: str) -> dict[str, list[Run]]:
+            where: str, source: str = "") -> dict[str, list[Run]]:
     bases = _Bases(stages, common, where)
     runs: dict[str, dict[str, Run]] = {stage: {} for stage in stages}
     leaf_owner: dict[str, str] = {}
@@ -157,6 +169,8 @@ def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Pat
             over.update(launcher, **{"run.stage": stage})
             if parent is not None:
                 over.update({"run.parent": parent.key.split("/")[0], "run.source_net": ""})
+            elif source:
+                over["run.source_net"] = source
             if stage == "finetune":
                 over.update({f"prune.{k}": getattr(parent.cfg.prune, k)
                              for k in ("method", "layer_type", "k")})
