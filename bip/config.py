@@ -204,6 +204,10 @@ class TrainConfig:
     rewind_epoch: int = -1          # pretrain: epoch whose weights IMP rewinds to (-1: 5% of epochs)
     max_nonfinite_steps: int = 0    # steps with a non-finite loss/weight/score skipped before the
                                     # run stops (0: the first one stops it; bip.nonfinite)
+    # Speed options (bip.speed; not hashed: they change float round-off, not the algorithm).
+    channels_last: bool = False     # model and input batches in channels_last memory format
+    compile: bool = False           # torch.compile the model (in place; one graph per pass kind)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: debugging)
 
     def __post_init__(self):
         if self.mixed_precision == "no":  # accelerate's spelling

@@ -34,6 +34,8 @@ _NOT_HASHED = {
     # so raising it resumes the stopped run in its own folder.
     "train.max_nonfinite_steps",
     "prune.on_collapse",  # likewise: whether a disconnected network stops the run
+    # How fast the same computation runs (bip.speed): round-off only, like the device.
+    "train.channels_last", "train.compile", "train.compile_backend",
 }
 _PAPER_ONLY = {"bip.alpha", "bip.beta", "bip.gamma", "bip.lower_wd", "bip.upper_wd", "bip.momentum"}
 _REFERENCE_ONLY = {"bip.lr2", "bip.mask_lr", "bip.mask_lr_schedule"}

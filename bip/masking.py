@@ -117,7 +117,9 @@ class Plan:
         flat, keep, sel = self.workspace()
         keys, kept = flat.split(self.segments), keep.split(self.segments)
         for m, key, n in zip(self.elementwise, keys, self.sizes):
-            torch.abs(m.scores.detach().reshape(-1), out=key[:n])
+            # Written through a view in the scores' logical shape: the keys are in NCHW order
+            # (the tie order) even for channels_last scores (bip.speed), with no copy.
+            torch.abs(m.scores.detach(), out=key[:n].view(m.scores.shape))
         topk.rank_keys_(flat)
         u = len(self.unstructured)
         if u:

@@ -34,6 +34,7 @@ from bip.models.external import input_defaults, is_external
 from bip.names import check_root
 from bip.nonfinite import NonFiniteGuard
 from bip.provenance import provenance, seed_everything
+from bip.speed import prepare_model
 
 Hook = Callable[[str, dict], None]
 
@@ -65,9 +66,10 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
     # ffcv brings its own images: only the dataset's description is needed (no raw files).
     spec = (describe_dataset if cfg.data.loader == "ffcv" else load_dataset)(cfg.data, cfg.model.num_classes)
     spec = model_input(cfg, spec)
-    # On the device before any aliasing (reference BiP) or optimizer references are made.
-    model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type,
-                         **model_options(cfg.model)).to(accelerator.device)
+    # On the device, in its memory format and compiled (bip.speed) before any aliasing
+    # (reference BiP) or optimizer references are made.
+    model = prepare_model(create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type,
+                                       **model_options(cfg.model)).to(accelerator.device), cfg.train)
     if source is not None:
         load_source(cfg, model, source)
     elif cfg.run.stage != "pretrain" and not resuming:
@@ -341,7 +343,8 @@ def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
 def _mask_file(cfg: Config, model, sparsity: dict) -> dict:
     report = masking.sparsity_report(model)
     return {"layer_type": cfg.prune.layer_type, "k": cfg.prune.k,
-            "masks": {name: m.mask.bool().cpu() for name, m in masking.masked_layers(model)},
+            "masks": {name: m.mask.bool().cpu().contiguous()  # NCHW whatever the training layout
+                      for name, m in masking.masked_layers(model)},
             "report": {**sparsity, "layers": report["layers"]}}
 
 

@@ -79,3 +79,41 @@ def test_bf16_pretrain_and_bip_on_cuda(tmp_path):
     prune = load_config([], base + ["run.stage=prune", "prune.method=bip", "prune.layer_type=unstructured",
                                     "prune.k=0.1", f"run.parent={identity.run_id(pre)}"])
     assert abs(train(prune)["sparsity"]["kept_fraction"] - 0.1) < 1e-5
+
+
+def test_channels_last_and_compile_on_cuda_without_recompiles_or_syncs():
+    """bf16 BiP steps of a channels_last, inductor-compiled model: both passes compile in the
+    first step only, later steps (new masks each time) neither recompile nor sync, and the
+    weights follow the plain eager model's (bf16 / TF32 round-off)."""
+    from bip.speed import CompileCounter, compile_model, to_channels_last
+    torch.manual_seed(0)
+    plain = nn.Sequential(MaskedConv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          MaskedConv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), MaskedLinear(16, 5)).cuda()
+    fast = copy.deepcopy(plain)
+    counter = CompileCounter("inductor")
+    to_channels_last(fast)
+    compile_model(fast, counter)
+    cfg = load_config([], ["run.stage=prune", "prune.layer_type=unstructured", "prune.k=0.3",
+                           "prune.method=bip", "prune.score_init=magnitude", "train.mixed_precision=bf16"])
+    a, b = BipPaper(cfg, plain), BipPaper(cfg, fast)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 12, 12, generator=g).cuda(), torch.randint(0, 5, (16,), generator=g).cuda())
+            for _ in range(8)]
+    a.step(data[:2], 0.0)
+    b.step(data[:2], 0.0)
+    warm = counter.graphs
+    assert warm == 2
+    for i in range(1, 4):
+        a.step(data[2 * i:2 * i + 2], i / 10)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            b.step(data[2 * i:2 * i + 2], i / 10)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert counter.graphs == warm
+    assert fast[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, x), y in zip(plain.state_dict().items(), fast.state_dict().values()):
+        if x.is_floating_point():
+            torch.testing.assert_close(y, x, rtol=2e-2, atol=2e-2, msg=name)
