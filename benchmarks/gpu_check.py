@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,10 @@ def environment(device: str) -> tuple[str, list[dict]]:
     cuda = torch.version.cuda or "none"
     rows = [{"part": "env", "check": "versions", "result": f"python {platform.python_version()}, torch "
              f"{torch.__version__} (CUDA {cuda}), {os.cpu_count()} CPUs", "goal": "", "ok": None}]
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        rows.append({"part": "env", "check": "no C compiler (gcc / cc)", "result": "torch.compile needs "
+                     "one (inductor's CPU code, Triton's launchers): the compile parts may fail",
+                     "goal": "", "ok": None})
     for module, what in (("submitit", "the Slurm launcher (launch/) is not checked here; bip itself does not need it"),
                          ("ffcv", "the ImageNet slice reads synthetic images through the tensor loader")):
         if importlib.util.find_spec(module) is None:

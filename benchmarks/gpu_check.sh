@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
+"$PY" -c "import torch" 2>/dev/null || PY=python   # the interpreter that has torch
 out=()
 if [[ $# -gt 0 && "$1" != --* ]]; then out=(--out "$1"); shift; fi
 # The whole check stays under 8 minutes even if the driver itself hangs.

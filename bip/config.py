@@ -213,6 +213,9 @@ class TrainConfig:
         if self.mixed_precision == "no":  # accelerate's spelling
             object.__setattr__(self, "mixed_precision", "fp32")
         _check_choice("train.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
+        # torch.compile backends that train a model (aot_eager / eager: to debug inductor)
+        _check_choice("train.compile_backend", self.compile_backend,
+                      ("inductor", "aot_eager", "eager", "cudagraphs"))
         if self.epochs < 0 or self.steps_per_epoch < 0:
             raise BipError("train.epochs and train.steps_per_epoch must be >= 0")
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0)

@@ -29,8 +29,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bip.errors import BipError
-
 # Graph kinds one process may hold for one model class: train passes (BiP: 2, its reference
 # variant: 4) x precision x eval / probe shapes, and several models in one process (the --debug
 # executor, benchmarks). Past torch's default (8) dynamo silently runs the forward uncompiled.
@@ -43,18 +41,8 @@ def prepare_model(model: nn.Module, train_cfg) -> nn.Module:
     if train_cfg.channels_last:
         to_channels_last(model)
     if train_cfg.compile:
-        compile_model(model, check_backend(train_cfg.compile_backend))
+        compile_model(model, train_cfg.compile_backend)
     return model
-
-
-def check_backend(name: str) -> str:
-    """``name`` if torch.compile knows it (a one-line BipError listing them otherwise)."""
-    from torch._dynamo import list_backends
-    known = list_backends(exclude_tags=())
-    if name not in known:
-        shown = ", ".join(b for b in known if "TESTING" not in b)
-        raise BipError(f"train.compile_backend: unknown backend {name!r}; this torch has {shown}")
-    return name
 
 
 def _nhwc_input(module: nn.Module, args: tuple):

@@ -96,6 +96,8 @@ TRAIN_CASES = {
     "bip gamma -inf": (["bip.gamma=-inf"], "bip.gamma must be > 0", "cli"),
     "label smoothing 5": (["train.label_smoothing=5"], "train.label_smoothing=5.0 is out of range", "cli"),
     "num workers -1": (["data.num_workers=-1"], "data.num_workers must be >= 0", "cli"),
+    "compile backend": (["train.compile=true", "train.compile_backend=tvm"],
+                        "train.compile_backend='tvm' is not valid; choose one of: inductor", "cli"),
     "momentum 1.5": (["optim.momentum=1.5"], "optim.momentum=1.5 is out of range", "cli"),
     "bip gamma 0": (["bip.gamma=0"], "bip.gamma must be > 0", "cli"),
     "wrong type": (["--epochs", "two"], "train.epochs='two' is not a valid int", "cli"),
