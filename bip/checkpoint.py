@@ -18,6 +18,7 @@ from bip.atomic import atomic_write, write_bytes, write_json, write_text  # noqa
 from bip.errors import BipError
 
 FORMAT = "bip-checkpoint-1"
+FINAL_FORMAT = "bip-final-1"  # final.pt: model + masks + meta, no training state
 
 
 def save(path: Path, obj: dict) -> None:
@@ -44,7 +45,7 @@ def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state_dict, meta) of a model to start from: our checkpoint, the reference
     code's checkpoint ({'state_dict': ...}), or a bare state_dict."""
     obj = load(path, "source checkpoint")
-    if obj.get("format") == FORMAT:
+    if obj.get("format") in (FORMAT, FINAL_FORMAT):
         return obj["model"], obj.get("meta", {})
     state = obj.get("state_dict", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

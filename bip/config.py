@@ -142,6 +142,7 @@ class TrainConfig:
     deterministic: bool = False     # cuDNN deterministic algorithms (recorded, never implied)
     steps_per_epoch: int = 0        # > 0 caps each epoch (benchmarks, smoke runs); 0 = full
     rewind_epoch: int = -1          # pretrain: epoch whose weights IMP rewinds to (-1: 5% of epochs)
+    checkpoint_every_min: float = 30.0  # a step checkpoint at least this often (a kill loses less)
 
     def __post_init__(self):
         if self.mixed_precision == "no":  # accelerate's spelling
@@ -149,6 +150,8 @@ class TrainConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
         if self.epochs < 0 or self.steps_per_epoch < 0:
             raise BipError("train.epochs and train.steps_per_epoch must be >= 0")
+        if not self.checkpoint_every_min > 0:  # also rejects NaN
+            raise BipError(f"train.checkpoint_every_min must be > 0, got {self.checkpoint_every_min}")
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,15 @@ class RunConfig:
     result_dir: str = "runs"
     source_net: str = ""            # checkpoint to start from (hand-made runs)
     parent: str = ""                # or: the run id of the parent stage, same seed (grids)
-    resume: str = ""                # checkpoint to resume from (default: the run's own)
+    resume: str = ""                # checkpoint that seeds a run folder without one of its own
+    resume_foreign: bool = False    # allow --resume from another run's checkpoint (recorded)
+    lease_stale_min: float = 10.0   # a run folder's lease without a heartbeat for this long is free
     print_freq: int = 100           # batches between progress-bar refreshes
 
     def __post_init__(self):
         _check_choice("run.stage", self.stage, STAGES)
+        if not self.lease_stale_min > 0:
+            raise BipError(f"run.lease_stale_min must be > 0, got {self.lease_stale_min}")
         if self.source_net and self.parent:
             raise BipError("give either run.source_net or run.parent, not both")
 

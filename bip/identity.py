@@ -5,7 +5,10 @@ that can change the result, and only those that differ from their defaults (so a
 with a no-op default keeps every old id). Paths, worker counts and labels are not hashed; the
 seed is the sub-folder, so replicates are siblings:
 
-    <root>/<run id>/seed_<seed>/{config.yaml, metrics.jsonl, checkpoint.pt, mask.pt, result.json}
+    <root>/<run id>/seed_<seed>/{owner.json, config.yaml, metrics.jsonl, checkpoint.pt, mask.pt,
+                                 final.pt, result.json, error.json, error.rank<N>.json}
+
+(bip/runfolder.py owns what these files mean and when they are written.)
 
 A stage started from another run names it by id (run.parent); a hand-made source checkpoint
 (run.source_net) is hashed by content.
@@ -22,12 +25,19 @@ from bip.config import SECTIONS, Config
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
 MASK, RESULT, ERROR, REWIND = "mask.pt", "result.json", "error.json", "rewind.pt"
+FINAL, OWNER = "final.pt", "owner.json"
+
+
+def rank_error(rank: int) -> str:
+    """The error file of one rank (every rank that raises writes its own)."""
+    return f"error.rank{int(rank)}.json"
 
 # Never result-affecting.
 _NOT_HASHED = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "data.train_beton",
     "data.val_beton", "run.seed", "run.exp_name", "run.result_dir", "run.resume",
-    "run.print_freq", "run.source_net",
+    "run.print_freq", "run.source_net", "run.resume_foreign", "run.lease_stale_min",
+    "train.checkpoint_every_min",
 }
 _PAPER_ONLY = {"bip.alpha", "bip.beta", "bip.gamma", "bip.lower_wd", "bip.upper_wd", "bip.momentum"}
 _REFERENCE_ONLY = {"bip.lr2", "bip.mask_lr", "bip.mask_lr_schedule"}
@@ -112,9 +122,15 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()[:16]
 
 
+def source_file(path: str | Path) -> Path:
+    """A --source-net value as a file: a run folder means its published final.pt."""
+    p = Path(path)
+    return p / FINAL if p.is_dir() else p
+
+
 def source_digest(path: str) -> str:
     """Content hash of a source checkpoint ('missing' if absent: train reports that error)."""
-    p = Path(path)
+    p = source_file(path)
     if not p.is_file():
         return "missing"
     st = p.stat()

@@ -128,15 +128,18 @@ class FfcvStream:
         res = np.interp(epoch, [cfg.start_ramp, cfg.end_ramp], [cfg.min_res, size])
         return int(min(size, max(cfg.min_res, round(res / 32) * 32)))  # multiples of 32, as there
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from step ``start`` on. The skipped batches are decoded
+        and dropped (exact, since the draws are keyed by sample; costs their decoding)."""
         self.key.set(stream_seed(self.seed, self.stream, epoch))
         if self.decoder is not None:  # buffers are sized per epoch, so this needs no recompile
             res = self.resolution(epoch)
             self.decoder.output_size = (res, res)
         self.loader.next_epoch = epoch  # ffcv seeds the order with seed + next_epoch
         with closing(_iterate(self.loader)) as batches:  # stops ffcv's thread on an early exit
-            for x, y in batches:
-                yield self.finish(x), y
+            for step, (x, y) in enumerate(batches):
+                if step >= start:
+                    yield self.finish(x), y
 
 
 def _iterate(loader) -> Iterator:

@@ -68,17 +68,22 @@ class TensorStream:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from step ``start`` on (a resumed epoch): the skipped steps
+        only draw their augmentation numbers, so the generator is where it would be."""
         g = torch.Generator().manual_seed(stream_seed(self.seed, self.stream, epoch))
         index = rank_slice(torch.randperm(len(self.labels), generator=g), self.rank, self.world)
         b, (h, w) = self.batch_size, self.images.shape[-2:]
         for step in range(self.steps):
+            if self.augment:
+                shift = torch.randint(0, 2 * self.pad + 1, (2, b), generator=g)
+                flip = torch.rand(b, generator=g) < 0.5
+            if step < start:
+                continue
             idx = index[step * b:(step + 1) * b].to(self.device)
             x = self.normalize(self.images[idx])
             if self.augment:
-                shift = torch.randint(0, 2 * self.pad + 1, (2, b), generator=g).to(self.device)
-                flip = (torch.rand(b, generator=g) < 0.5).to(self.device)
-                x = _crop_flip(x, shift, flip, self.pad, h, w, self.normalize)
+                x = _crop_flip(x, shift.to(self.device), flip.to(self.device), self.pad, h, w, self.normalize)
             yield x, self.labels[idx]
 
 
@@ -140,9 +145,13 @@ class TorchStream:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from step ``start`` on: the same samples as an uninterrupted
+        epoch. Augmentation is identical with num_workers=0 (transforms draw from the global
+        RNG, which the checkpoint restores); with workers, per-worker seeding differs."""
         g = torch.Generator().manual_seed(stream_seed(self.seed, self.stream, epoch))
         index = rank_slice(torch.randperm(len(self.dataset), generator=g), self.rank, self.world)
+        index = index[start * self.batch_size:]
         # The loader's generator seeds the workers, so augmentation is reproducible too.
         loader = DataLoader(self.dataset, self.batch_size, sampler=index.tolist(), drop_last=True,
                             num_workers=self.workers, generator=g,
