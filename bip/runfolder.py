@@ -43,6 +43,10 @@ from bip.errors import BipError
 CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
 
 
+class LeaseHeld(BipError):
+    """Another live trainer holds the run folder (the message names it)."""
+
+
 class Interrupted(BaseException):
     """Raised by the loop after it saved a checkpoint because a stop was requested (a signal).
     A BaseException: it is not a failure, so no error.json is written."""
@@ -181,12 +185,13 @@ def takeover_reason(owner: dict, now: float | None = None) -> str | None:
         return f"its heartbeat is {now - beat:.0f} s old (stale after {stale_s:.0f} s)"
     if "pid" not in owner:
         return None  # being written right now
+    mine = owner.get("token") in _HELD
     job = slurm_job_id()
-    if job and owner.get("slurm_job_id") == job and owner.get("token") != _process_token():
+    if job and owner.get("slurm_job_id") == job and not mine and owner.get("pid") != os.getpid():
         return f"it belongs to an earlier run of Slurm job {job} (requeued)"
     if owner.get("host") == socket.gethostname():
-        if owner.get("token") == _process_token() or owner.get("pid") == os.getpid():
-            return "it is this process's own (an earlier train() that did not release it)"
+        if owner.get("pid") == os.getpid():
+            return None if mine else "an earlier trainer of this process did not release it"
         if not pid_alive(int(owner["pid"]), owner.get("pid_start")):
             return f"process {owner['pid']} is gone"
     return None
@@ -231,12 +236,7 @@ def _pid_start(pid: int) -> str | None:
         return None
 
 
-_TOKEN = {}
-
-
-def _process_token() -> str:
-    """Unique per process (and per fork: keyed by pid)."""
-    return _TOKEN.setdefault(os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+_HELD: set[str] = set()  # tokens of the leases this process holds now
 
 
 def slurm_job_id() -> str | None:
@@ -270,7 +270,7 @@ class Lease:
                     continue  # released meanwhile
                 reason = takeover_reason(owner)
                 if reason is None:
-                    raise BipError(owner_line(self.run_dir, owner)) from None
+                    raise LeaseHeld(owner_line(self.run_dir, owner)) from None
                 if self._break(owner):
                     self.taken_over = {k: v for k, v in owner.items() if k != "raw"} | {"reason": reason}
                     self.log(f"lease: took over {self.path} from {owner.get('host')} pid "
@@ -279,17 +279,18 @@ class Lease:
             now = time.time()
             self.record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
                            "slurm_job_id": slurm_job_id(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           "heartbeat": now, "stale_s": self.stale_s, "token": _process_token()}
+                           "heartbeat": now, "stale_s": self.stale_s, "token": uuid.uuid4().hex}
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self.record, indent=1) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            _HELD.add(self.record["token"])
             return
         raise BipError(f"could not take the lease of {self.run_dir}: other trainers keep claiming it")
 
     def _break(self, owner: dict) -> bool:
         """Remove a stale owner file, unless it changed since we judged it (then put it back)."""
-        aside = self.path.with_name(f".{identity.OWNER}.{_process_token().replace(':', '-')}.stale")
+        aside = self.path.with_name(f".{identity.OWNER}.{uuid.uuid4().hex[:12]}.stale")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -328,20 +329,27 @@ class Lease:
         owner = read_owner(self.path)
         if owner is not None and owner.get("token") == self.record["token"]:
             self.path.unlink(missing_ok=True)
+        _HELD.discard(self.record["token"])
 
 
 # -- stop requests and the checkpoint cadence ----------------------------------------------------
 
-_STOP: dict[str, str] = {}
+_STOP: list[str] = []
 
 
 def request_stop(reason: str) -> None:
     """Ask the running loop to checkpoint at its next step boundary and stop (signal-safe)."""
-    _STOP.setdefault("reason", reason)
+    _STOP.append(reason)
 
 
 def stop_reason() -> str | None:
-    return _STOP.get("reason")
+    """The first stop request, if any."""
+    return _STOP[0] if _STOP else None
+
+
+def stop_signals() -> list[str]:
+    """Every stop request so far, in order, without repeats."""
+    return list(dict.fromkeys(_STOP))
 
 
 def clear_stop() -> None:
@@ -402,10 +410,13 @@ class RunFolder:
         return found.result if found.state == "done" else None
 
     def check_free(self) -> None:
-        """Fail at once (before any work) if a live trainer holds the folder; writes nothing."""
+        """Fail at once (before any work) if a live trainer holds the folder; writes nothing.
+        Only the first process of a multi-process run asks (the others would see its lease)."""
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return
         owner = read_owner(self.path / identity.OWNER)
         if owner is not None and takeover_reason(owner) is None:
-            raise BipError(owner_line(self.path, owner))
+            raise LeaseHeld(owner_line(self.path, owner))
 
     def claim(self) -> dict | None:
         """Main rank: take the lease, then set aside damaged outputs and remove temp files of

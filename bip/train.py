@@ -117,7 +117,7 @@ def _claim(folder: runfolder.RunFolder, accelerator) -> dict | None:
         dist.broadcast_object_list(box, src=0)
         outcome = box[0]
     if outcome[0] == "busy":
-        raise BipError(outcome[1])
+        raise runfolder.LeaseHeld(outcome[1])
     folder.owned = True  # by this run (the main rank holds the lease)
     return outcome[1]
 
