@@ -183,8 +183,8 @@ def takeover_reason(owner: dict, now: float | None = None) -> str | None:
     beat = float(owner.get("heartbeat", owner.get("mtime", now)))
     if now - beat > stale_s:
         return f"its heartbeat is {now - beat:.0f} s old (stale after {stale_s:.0f} s)"
-    if "pid" not in owner:
-        return None  # being written right now
+    if "pid" not in owner:  # unreadable: being written right now, or left half-written
+        return None if now - beat < 30 else "it is unreadable"
     mine = owner.get("token") in _HELD
     job = slurm_job_id()
     if job and owner.get("slurm_job_id") == job and not mine and owner.get("pid") != os.getpid():
@@ -257,36 +257,54 @@ class Lease:
         self.taken_over: dict | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.record: dict = {}
 
     def acquire(self) -> None:
-        """Take the lease or raise BipError naming the owner; creates the folder if needed."""
+        """Take the lease or raise LeaseHeld naming the owner; creates the folder if needed."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
+            record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+                      "slurm_job_id": slurm_job_id(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "heartbeat": time.time(), "stale_s": self.stale_s, "token": uuid.uuid4().hex}
+            if self._create(record):
+                self.record = record
+                _HELD.add(record["token"])
+                return
+            owner = read_owner(self.path)
+            if owner is None:
+                continue  # released meanwhile
+            reason = takeover_reason(owner)
+            if reason is None:
+                raise LeaseHeld(owner_line(self.run_dir, owner))
+            if self._break(owner):
+                self.taken_over = {k: v for k, v in owner.items() if k != "raw"} | {"reason": reason}
+                self.log(f"lease: took over {self.path} from {owner.get('host')} pid "
+                         f"{owner.get('pid')}: {reason}")
+        raise BipError(f"could not take the lease of {self.run_dir}: other trainers keep claiming it")
+
+    def _create(self, record: dict) -> bool:
+        """Create owner.json exclusively and whole: written to a temp file, then hard-linked
+        (link fails if the name exists), so a kill never leaves a half-written lease."""
+        tmp = self.path.with_name(f".{identity.OWNER}.{record['token'][:12]}.tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: exclusive create (a kill may leave it partial)
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
-                owner = read_owner(self.path)
-                if owner is None:
-                    continue  # released meanwhile
-                reason = takeover_reason(owner)
-                if reason is None:
-                    raise LeaseHeld(owner_line(self.run_dir, owner)) from None
-                if self._break(owner):
-                    self.taken_over = {k: v for k, v in owner.items() if k != "raw"} | {"reason": reason}
-                    self.log(f"lease: took over {self.path} from {owner.get('host')} pid "
-                             f"{owner.get('pid')}: {reason}")
-                continue
-            now = time.time()
-            self.record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
-                           "slurm_job_id": slurm_job_id(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           "heartbeat": now, "stale_s": self.stale_s, "token": uuid.uuid4().hex}
+                return False
             with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.record, indent=1) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            _HELD.add(self.record["token"])
-            return
-        raise BipError(f"could not take the lease of {self.run_dir}: other trainers keep claiming it")
+                f.write(tmp.read_text())
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _break(self, owner: dict) -> bool:
         """Remove a stale owner file, unless it changed since we judged it (then put it back)."""
@@ -326,10 +344,11 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        owner = read_owner(self.path)
-        if owner is not None and owner.get("token") == self.record["token"]:
+        token = self.record.get("token")
+        owner = read_owner(self.path) if token else None
+        if owner is not None and owner.get("token") == token:
             self.path.unlink(missing_ok=True)
-        _HELD.discard(self.record["token"])
+        _HELD.discard(token)
 
 
 # -- stop requests and the checkpoint cadence ----------------------------------------------------
@@ -421,9 +440,9 @@ class RunFolder:
     def claim(self) -> dict | None:
         """Main rank: take the lease, then set aside damaged outputs and remove temp files of
         killed writes. Returns the result if another trainer finished the run meanwhile."""
-        self.lease = Lease(self.path, self.stale_s)
-        self.lease.acquire()
-        self.owned = True
+        lease = Lease(self.path, self.stale_s)
+        lease.acquire()
+        self.lease, self.owned = lease, True
         found = inspect(self.path)
         if found.state == "done":
             return found.result

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bip import identity
+from bip import identity, runfolder
 from launch import grid, profiles, state, sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,18 @@ def write_grid(folder: Path, name: str = "g", **doc) -> Path:
 
 def cli(*args) -> int:
     return grid.main([str(a) for a in args])
+
+
+def status_rows(out: str) -> dict[str, dict[str, int]]:
+    """--status's table as {stage: {state: count}}."""
+    lines = out.splitlines()
+    header = lines[1].split()[1:]
+    return {line.split()[0]: dict(zip(header, map(int, line.split()[1:])))
+            for line in lines[2:] if line.split() and line.split()[0] in state_stages()}
+
+
+def state_stages():
+    return ("pretrain", "prune", "finetune")
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -160,16 +174,40 @@ def test_dry_run_of_1000_cells_is_fast(tmp_path):
     assert "1000 cells, 1505 runs" in out and not (tmp_path / "runs").exists()
 
 
-def test_states_combine_folders_and_slurm():
-    combine = state._combine
-    d = Path("/nonexistent")
-    assert combine("done", "FAILED", "done", "1_0", d)[0] == "done"
-    assert combine("failed", "PENDING", "done", "1_0", d)[0] == "pending"      # resubmitted
-    assert combine("started", "RUNNING", "done", "1_0", d)[0] == "running"
-    assert combine("waiting", "FAILED", "failed", "1_0", d)[0] == "blocked"
-    assert combine("started", "TIMEOUT", "done", "1_0", d)[0] == "failed"      # killed, no error.json
-    assert combine("started", "COMPLETED", "done", "1_0", d)[0] == "started"   # result.json deleted
-    assert combine("waiting", "", "done", None, d)[0] == "waiting"
+def _found(state: str, owner: dict | None = None, detail: str = "") -> runfolder.Inspection:
+    return runfolder.Inspection(state, detail, frozenset(), None, None, owner)
+
+
+def test_states_combine_folders_leases_and_slurm():
+    combine = state.combine
+    live = {"host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time(), "stale_s": 600}
+    dead = {**live, "pid": _dead_pid()}
+    assert combine(_found("done"), "FAILED", "done", "1_0")[0] == "done"
+    assert combine(_found("failed"), "PENDING", "done", "1_0")[0] == "pending"      # resubmitted
+    assert combine(_found("started"), "RUNNING", "done", "1_0")[0] == "running"
+    assert combine(_found("started", live))[0] == "running"                       # lease, no Slurm
+    assert combine(_found("started", dead))[0] == "started"                       # killed
+    assert combine(_found("started", {**live, "heartbeat": time.time() - 700}))[0] == "started"
+    assert combine(_found("corrupt", live))[0] == "running"                       # being repaired
+    assert combine(_found("corrupt"), "COMPLETED", "done", "1_0")[0] == "corrupt"
+    assert combine(_found("waiting"), "FAILED", "failed", "1_0")[0] == "blocked"
+    assert combine(_found("waiting"), "", "corrupt", None)[0] == "blocked"
+    assert combine(_found("started"), "TIMEOUT", "done", "1_0")[0] == "failed"     # killed, no error.json
+    # Preempted and not requeued (clusters with PreemptMode=CANCEL): over, resubmittable.
+    assert combine(_found("started"), "PREEMPTED", "done", "1_0")[0] == "failed"
+    assert combine(_found("started"), "COMPLETED", "done", "1_0")[0] == "started"  # result.json deleted
+    assert combine(_found("waiting"), "", "done", None)[0] == "waiting"
+
+
+def test_sacct_array_ids_expand():
+    assert state.expand_job_id("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert state.expand_job_id("12_3") == ["12_3"] and state.expand_job_id("7") == ["7"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 # -- whole grids -----------------------------------------------------------------------------
@@ -204,9 +242,9 @@ def test_a_failing_cell_is_failed_its_child_blocked_and_only_failed_retries_that
     assert cli(path, "--root", root, "--status") == 0
     out = capsys.readouterr().out
     assert "resume checkpoint" in out and "parent failed" in out
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
-    assert rows["prune"][:5] == ["1", "0", "0", "1", "0"]      # runs done running pending failed
-    assert rows["finetune"][:5] == ["1", "0", "0", "0", "1"]   # ... blocked
+    rows = status_rows(out)
+    assert (rows["prune"]["failed"], rows["prune"]["done"]) == (1, 1)
+    assert (rows["finetune"]["blocked"], rows["finetune"]["done"]) == (1, 1)
 
     fixed = write_grid(tmp_path, axes={"method": ["hydra"], "k": [0.5, 0.2]})
     assert cli(fixed, "--root", root, "--only-failed", "--debug") == 0
@@ -224,4 +262,5 @@ def test_local_executor_runs_the_dag_in_subprocesses(tmp_path):
     plan = sweep.load_grid(path, root)
     results = [json.loads((plan.dir(run) / identity.RESULT).read_text()) for run in plan.all_runs()]
     assert [r["stage"] for r in results] == ["pretrain", "prune", "prune"]
-    assert list((root / "_local").glob("*/*_result.pkl"))  # ran through submitit's LocalExecutor
+    logs = sorted(p.name for p in (root / "_local").glob("*/*.log"))  # one log per run, from the workers
+    assert len(logs) == 3 and "local: 2 run(s) at a time" in out.stdout
