@@ -179,6 +179,7 @@ SECTIONS = {
     "data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "bip": BipConfig,
     "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
 }
+_FIELD_NAMES = {s: tuple(f.name for f in fields(cls)) for s, cls in SECTIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,10 @@ class Config:
         return {"pretrain": "dense", "finetune": "finetune"}.get(self.run.stage, self.prune.method)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        # Every field is a scalar: a shallow copy equals dataclasses.asdict, 10x faster (grids
+        # of 10,000 cells build a config per run).
+        return {s: {name: getattr(section, name) for name in _FIELD_NAMES[s]}
+                for s, section in ((s, getattr(self, s)) for s in SECTIONS)}
 
     def replace(self, **dotted: Any) -> "Config":
         """A copy with ``section.key`` values replaced (coerced and validated)."""

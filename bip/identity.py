@@ -70,6 +70,7 @@ def _unused(cfg: Config) -> set[str]:
 
 
 _DEFAULTS = Config()
+_FIELDS = {section: tuple(f.name for f in fields(kind)) for section, kind in SECTIONS.items()}
 
 
 def hashed_fields(cfg: Config) -> dict[str, object]:
@@ -82,10 +83,10 @@ def hashed_fields(cfg: Config) -> dict[str, object]:
         values, defaults = getattr(cfg, section), getattr(_DEFAULTS, section)
         if values == defaults:
             continue
-        for f in fields(values):
-            dotted = f"{section}.{f.name}"
-            value = getattr(values, f.name)
-            if value != getattr(defaults, f.name) and dotted not in _NOT_HASHED and dotted not in unused:
+        for name in _FIELDS[section]:
+            dotted = f"{section}.{name}"
+            value = getattr(values, name)
+            if value != getattr(defaults, name) and dotted not in _NOT_HASHED and dotted not in unused:
                 out[dotted] = value
     if cfg.run.source_net:
         out["run.source_sha256"] = source_digest(cfg.run.source_net)

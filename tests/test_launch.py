@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from bip import identity, runfolder
-from launch import grid, profiles, state, sweep
+from launch import grid, profiles, state, submit, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # A run of this size takes well under a second in-process once torch is imported.
@@ -163,15 +163,43 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_dry_run_of_1000_cells_is_fast(tmp_path):
-    path = write_grid(tmp_path, axes={"seed": [1, 2, 3, 4, 5], "method": ["bip", "hydra"],
-                                      "k": [round(0.9 ** i, 5) for i in range(1, 26)],
-                                      "train.epochs": [1, 2, 3, 4]})
+BIG_AXES = {"seed": [1, 2, 3, 4, 5], "method": ["bip", "hydra"],
+            "k": [round(0.9 ** i, 5) for i in range(1, 26)], "train.epochs": [1, 2, 3, 4]}
+
+
+def test_dry_run_of_1000_cells_is_fast_and_prints_its_sbatch_calls(tmp_path):
+    path = write_grid(tmp_path, axes=BIG_AXES)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, REPO / "launch" / "grid.py", path, "--root", tmp_path / "runs",
                           "--dry-run"], capture_output=True, text=True, check=True).stdout
     assert time.perf_counter() - t0 < 10
     assert "1000 cells, 1505 runs" in out and not (tmp_path / "runs").exists()
+    assert "sbatch calls: 11 (pretrain 1, prune 5, finetune 5;" in out
+
+
+def test_each_task_waits_for_its_own_parent_in_a_bounded_number_of_arrays(tmp_path):
+    plan = sweep.load_grid(write_grid(tmp_path, axes=BIG_AXES), tmp_path)
+    pretrains = [run.key for run in plan.runs["pretrain"]]
+    specs = submit.plan_arrays(plan, plan.all_runs(), {})
+    assert [(s.stage, len(s.runs)) for s in specs][:6] == [("pretrain", 5)] + [("prune", 200)] * 5
+    for spec in specs[1:6]:  # one array per pretrain: its prunes wait for that task only
+        (kind, parent), = spec.after
+        assert kind == "run" and {run.parent for run in spec.runs} == {parent} and parent in pretrains
+    # 500 finetunes have 500 distinct parents (> 64): one array per parent ARRAY (one pretrain's prunes)
+    finetunes = specs[6:]
+    assert len(finetunes) == 5 and all(s.after == {("array", i + 1)} for i, s in enumerate(finetunes))
+    assert all({run.parent for run in s.runs} <= {r.key for r in specs[i + 1].runs} for i, s in enumerate(finetunes))
+    assert submit.sbatch_calls(specs, 1001) == {"pretrain": 1, "prune": 5, "finetune": 5}
+    assert submit.sbatch_calls(specs, 100) == {"pretrain": 1, "prune": 10, "finetune": 5}  # MaxArraySize
+    # Past the cap twice over: consecutive groups merge, each waiting for the union.
+    few = submit.plan_arrays(plan, plan.all_runs(), {}, limit=2)
+    assert [s.stage for s in few] == ["pretrain", "prune", "finetune"]
+    assert all(len([s for s in few if s.stage == st]) <= 2 for st in ("prune", "finetune"))
+    # A parent that another submission (any grid) queued: its children wait for that job's task.
+    prunes = [run for run in plan.all_runs() if run.stage != "pretrain"]
+    known = {pretrains[0]: "77_3", **{p: f"78_{i}" for i, p in enumerate(pretrains[1:])}}
+    specs = submit.plan_arrays(plan, prunes, known)
+    assert specs[0].after == {("run", pretrains[0])} and {r.parent for r in specs[0].runs} == {pretrains[0]}
 
 
 def _found(state: str, owner: dict | None = None, detail: str = "") -> runfolder.Inspection:
