@@ -96,7 +96,8 @@ def inspect(run_dir: str | Path) -> Inspection:
 def model_file(run_dir: Path, result: dict) -> Path:
     """The published model of a done run: final.pt (runs from before final.pt: checkpoint.pt)."""
     final = result.get("final")
-    return Path(run_dir) / (final.get("file", identity.FINAL) if isinstance(final, dict) else identity.CHECKPOINT)
+    name = final.get("file", identity.FINAL) if isinstance(final, dict) else identity.CHECKPOINT
+    return Path(run_dir) / name
 
 
 def model_file_ok(path: Path, size: int | None = None) -> bool:
@@ -380,7 +381,8 @@ _GLOO: dict = {}
 
 class Cadence:
     """When the loop saves a step checkpoint: every ``every_min`` minutes, and at once (then
-    stops) after ``request_stop``. poll() returns 0 (go on), 1 (save) or 2 (save and stop).
+    stops) after ``request_stop``. poll() returns 0 (go on), 1 (save), 2 (save and stop) or 3
+    (the lease was lost: stop, write nothing).
 
     With several ranks one tiny all-reduce (MAX) of the decision per step makes every rank
     agree on the step, whatever each rank's clock or signal timing. It runs on a CPU tensor
@@ -401,8 +403,9 @@ class Cadence:
     def saved(self) -> None:
         self.last = time.monotonic()
 
-    def poll(self) -> int:
-        code = 2 if stop_reason() else int(time.monotonic() - self.last >= self.every_s)
+    def poll(self, lost: bool = False) -> int:
+        """``lost``: this rank's lease is gone (3: every rank stops without writing)."""
+        code = 3 if lost else 2 if stop_reason() else int(time.monotonic() - self.last >= self.every_s)
         if self.world > 1:
             import torch.distributed as dist
             self.flag.fill_(code)
@@ -471,10 +474,12 @@ class RunFolder:
         if not self.main:
             return
         doc = json.loads(config_text)
-        old, _ = read_config(self.path, {identity.CONFIG} if (self.path / identity.CONFIG).exists() else set())
+        names = {identity.CONFIG} if (self.path / identity.CONFIG).exists() else set()
+        old, _ = read_config(self.path, names)
         history = [h for h in (old or {}).get("history", []) if isinstance(h, dict)]
         if self.lease and self.lease.taken_over:
-            entry["took_over"] = {k: self.lease.taken_over.get(k) for k in ("host", "pid", "slurm_job_id", "reason")}
+            entry["took_over"] = {k: self.lease.taken_over.get(k)
+                                  for k in ("host", "pid", "slurm_job_id", "reason")}
         history.append(entry)
         codes = sorted({(h.get("git_sha"), h.get("git_dirty"), h.get("code")) for h in history},
                        key=lambda c: [str(x) for x in c])
@@ -531,11 +536,16 @@ class RunFolder:
             self.lease.release()
             self.lease = None
 
-    def check_lease(self) -> None:
-        if self.lease is not None and self.lease.lost is not None:
-            lost = self.lease.lost
+    def lease_lost(self) -> bool:
+        return self.lease is not None and self.lease.lost is not None
+
+    def check_lease(self, lost: bool | None = None) -> None:
+        """Raise (on every rank, given the agreed ``lost``) once the lease went to another trainer."""
+        if lost or (lost is None and self.lease_lost()):
+            who = (self.lease.lost if self.lease is not None else None) or {}
             self.owned = self.started = False  # the folder is someone else's now: write nothing
-            raise BipError(f"lost the lease of {self.path} to {lost.get('host')} pid {lost.get('pid')}")
+            raise BipError(f"lost the lease of {self.path} to {who.get('host', 'another trainer')} "
+                           f"pid {who.get('pid', '?')}")
 
 
 def trim_metrics(path: Path, epoch: int) -> None:

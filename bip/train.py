@@ -60,7 +60,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
         if done is not None:
             return done
         state = _restore(cfg, folder, job, accelerator)
-        folder.start(identity.config_yaml(cfg, provenance(accelerator)), _start_entry(cfg, state), state["epoch"])
+        folder.start(identity.config_yaml(cfg, provenance(accelerator)), _start_entry(cfg, state),
+                     state["epoch"])
         return _train(cfg, folder, job, state, accelerator, hook)
     except Exception as err:
         folder.fail(err, accelerator.process_index)
@@ -141,7 +142,8 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -
              "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None}, "wall_time_s": 0.0,
              "resumed_from": None}
     if usable:
-        state.update(_resume(checkpoint.load(own, "checkpoint"), own, job.method), resumed_from="checkpoint.pt")
+        state.update(_resume(checkpoint.load(own, "checkpoint"), own, job.method),
+                     resumed_from="checkpoint.pt")
     elif job.seed_ckpt is not None:
         state.update(_resume(job.seed_ckpt, Path(cfg.run.resume), job.method), resumed_from=cfg.run.resume)
     if state["resumed_from"]:
@@ -212,7 +214,8 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
     result = _result(cfg, model, loaders, state, last, accelerator, time.time() - start_time)
     layers = masking.masked_layers(model)
-    result = folder.publish(_final(cfg, method), result, _mask_file(cfg, model, result["sparsity"]) if layers else None)
+    mask = _mask_file(cfg, model, result["sparsity"]) if layers else None
+    result = folder.publish(_final(cfg, method), result, mask)
     log.line(f"done: test_acc {result['test_acc']:.2f} " + (
         f"kept_fraction {result['sparsity']['kept_fraction']:.4f}" if result["sparsity"] else ""))
     accelerator.wait_for_everyone()
@@ -222,10 +225,10 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
 def _maybe_checkpoint(cfg, folder, method, state, cadence, epoch_s: float, log) -> None:
     """At a step boundary: a step checkpoint when it is due or a stop was requested (all ranks
     agree on the step); after a stop request, raise Interrupted once it is saved."""
-    folder.check_lease()
-    action = cadence.poll()
+    action = cadence.poll(lost=folder.lease_lost())
     if not action:
         return
+    folder.check_lease(lost=action == 3)
     saved = {**state, "epoch_time_s": state["epoch_time_s"] + epoch_s}
     folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, saved))
     cadence.saved()
@@ -396,8 +399,9 @@ def _seed_checkpoint(cfg: Config) -> dict:
     meta = ckpt["meta"]
     mine = (identity.run_id(cfg), cfg.run.seed)
     if (meta.get("run_id"), meta.get("seed")) != mine and not cfg.run.resume_foreign:
-        raise BipError(f"--resume {path} is a checkpoint of run {meta.get('run_id')} seed {meta.get('seed')}, "
-                       f"not of this run ({mine[0]} seed {mine[1]}); run.resume_foreign=true resumes it anyway")
+        raise BipError(f"--resume {path} is a checkpoint of run {meta.get('run_id')} seed "
+                       f"{meta.get('seed')}, not of this run ({mine[0]} seed {mine[1]}); "
+                       "run.resume_foreign=true resumes it anyway")
     return ckpt
 
 
@@ -493,8 +497,9 @@ def _accelerator(cfg: Config):
 def stop_on_signals(*signums: int) -> dict:
     """Turn these signals into a stop request: checkpoint at the next step boundary, then stop.
     Returns the previous handlers."""
-    return {signum: signal.signal(signum, lambda num, _frame: runfolder.request_stop(signal.Signals(num).name))
-            for signum in signums}
+    def handler(num, _frame):
+        runfolder.request_stop(signal.Signals(num).name)
+    return {signum: signal.signal(signum, handler) for signum in signums}
 
 
 def main(argv: list[str] | None = None) -> int:

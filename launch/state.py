@@ -115,7 +115,8 @@ def job_states(job_ids: Iterable[str]) -> dict[str, str]:
                     states[job] = parts[1].split()[0].upper()  # "CANCELLED by 0" -> CANCELLED
     missing = [j for j in ids if j not in states]
     if missing:
-        out = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted({j.split("_")[0] for j in missing}))])
+        bases = sorted({j.split("_")[0] for j in missing})
+        out = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
         for line in out.splitlines():
             if "|" in line:
                 job, state = line.split("|", 1)
@@ -235,4 +236,6 @@ def record(plan: Plan, manifest: dict, submission: dict, job_ids: dict[str, str 
 
 def error_line(run_dir: Path) -> str:
     found = inspect(run_dir)
-    return found.detail if found.state in ("failed", "corrupt") else f"no {identity.ERROR} (killed? see the job's log)"
+    if found.state in ("failed", "corrupt"):
+        return found.detail
+    return f"no {identity.ERROR} (killed? see the job's log)"

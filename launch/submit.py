@@ -74,7 +74,8 @@ def plan_arrays(plan: Plan, runs: list[Run], known_jobs: dict[str, str],
         groups: dict = {}
         for run in (r for r in runs if r.stage == stage):
             waits = run.parent if run.parent in chosen or run.parent in known_jobs else None
-            groups.setdefault(waits, ArraySpec(stage, after={("run", waits)} if waits else set())).runs.append(run)
+            spec = groups.setdefault(waits, ArraySpec(stage, after={("run", waits)} if waits else set()))
+            spec.runs.append(run)
         specs_now = list(groups.values())
         if len(specs_now) > limit:  # by the parent's array
             by_array: dict = {}
@@ -118,8 +119,9 @@ def submit_slurm(plan: Plan, runs: list[Run], resources: dict, known_jobs: dict[
     for index, spec in enumerate(plan_arrays(plan, runs, known_jobs)):
         p = resources[spec.stage]
         if spec.stage not in executors:
-            executor = submitit.SlurmExecutor(folder=plan.root / "_slurm" / "%j", max_num_timeout=p["max_requeues"],
-                                              python=" ".join(map(shlex.quote, snapshot.python_command())))
+            python = " ".join(map(shlex.quote, snapshot.python_command()))
+            executor = submitit.SlurmExecutor(folder=plan.root / "_slurm" / "%j",
+                                              max_num_timeout=p["max_requeues"], python=python)
             executors[spec.stage] = executor
         executor = executors[spec.stage]
         waits = sorted({job for kind, ref in spec.after

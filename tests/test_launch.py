@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from bip import identity, runfolder
-from launch import grid, profiles, state, submit, sweep
+from launch import grid, profiles, snapshot, state, submit, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # A run of this size takes well under a second in-process once torch is imported.
@@ -188,7 +189,8 @@ def test_each_task_waits_for_its_own_parent_in_a_bounded_number_of_arrays(tmp_pa
     # 500 finetunes have 500 distinct parents (> 64): one array per parent ARRAY (one pretrain's prunes)
     finetunes = specs[6:]
     assert len(finetunes) == 5 and all(s.after == {("array", i + 1)} for i, s in enumerate(finetunes))
-    assert all({run.parent for run in s.runs} <= {r.key for r in specs[i + 1].runs} for i, s in enumerate(finetunes))
+    for i, spec in enumerate(finetunes):
+        assert {run.parent for run in spec.runs} <= {r.key for r in specs[i + 1].runs}
     assert submit.sbatch_calls(specs, 1001) == {"pretrain": 1, "prune": 5, "finetune": 5}
     assert submit.sbatch_calls(specs, 100) == {"pretrain": 1, "prune": 10, "finetune": 5}  # MaxArraySize
     # Past the cap twice over: consecutive groups merge, each waiting for the union.
@@ -292,3 +294,38 @@ def test_local_executor_runs_the_dag_in_subprocesses(tmp_path):
     assert [r["stage"] for r in results] == ["pretrain", "prune", "prune"]
     logs = sorted(p.name for p in (root / "_local").glob("*/*.log"))  # one log per run, from the workers
     assert len(logs) == 3 and "local: 2 run(s) at a time" in out.stdout
+
+
+def test_a_code_snapshot_is_taken_once_per_code_state_and_does_not_follow_the_checkout(tmp_path):
+    checkout = tmp_path / "checkout"
+    for name in ("bip", "launch"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    first = snapshot.take(tmp_path / "runs", repo=checkout)
+    assert snapshot.take(tmp_path / "runs", repo=checkout)["id"] == first["id"]  # same code, same copy
+    copied = Path(first["path"]) / "bip" / "train.py"
+    original = copied.read_bytes()
+    (checkout / "bip" / "train.py").write_text("raise RuntimeError('edited')\n")
+    second = snapshot.take(tmp_path / "runs", repo=checkout)
+    assert second["id"] != first["id"] and copied.read_bytes() == original
+    assert json.loads((Path(first["path"]) / "CODE.json").read_text())["id"] == first["id"]
+    env = snapshot.job_environment({"PYTHONPATH": f"{checkout}:/x"}, first["path"])
+    assert env["PYTHONPATH"].split(":")[0] == first["path"]
+    # A job started in the checkout imports the snapshot (-P keeps the working directory out).
+    out = subprocess.run([*snapshot.python_command(), "-c", "import bip.train; print(bip.train.__file__)"],
+                         cwd=checkout, env={**os.environ, **env}, capture_output=True, text=True)
+    assert out.stdout.strip() == str(copied), out.stderr[-2000:]
+
+
+def test_a_run_a_live_trainer_holds_is_not_submitted_and_its_children_are_held_back(tmp_path, capsys):
+    path, root = write_grid(tmp_path), tmp_path / "runs"
+    plan = sweep.load_grid(path, root)
+    pretrain = plan.dir(plan.runs["pretrain"][0])
+    pretrain.mkdir(parents=True)
+    owner = {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None, "started": "t",
+             "heartbeat": time.time(), "stale_s": 600, "token": "other"}
+    (pretrain / identity.OWNER).write_text(json.dumps(owner))
+    assert cli(path, "--root", root, "--dry-run") == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
+    assert rows["pretrain"][3:6] == ["1", "0", "0"]  # live 1, failed 0, submit 0
+    assert rows["prune"][5] == "0" and "held back" in out and "runs outside Slurm" in out

@@ -133,8 +133,8 @@ def test_two_trainers_started_at_once_train_once(tmp_path):
     assert codes == [0, 2], outs
     loser = outs[[p.returncode for p in procs].index(2)][1].strip().splitlines()
     assert len(loser) == 1 and "is in use by" in loser[0] and "pid" in loser[0], loser
-    cfg = load_config([], ["data.dataset=synthetic", "train.epochs=3", "run.seed=3", "data.synthetic_size=512",
-                           "data.batch_size=32", f"run.result_dir={tmp_path / 'race'}"])
+    cfg = load_config([], ["data.dataset=synthetic", "train.epochs=3", "run.seed=3",
+                           "data.synthetic_size=512", "data.batch_size=32", f"run.result_dir={tmp_path / 'race'}"])
     raced = identity.run_dir(cfg)
     train(cfg, tmp_path / "alone")
     assert [row["epoch"] for row in metrics(raced)] == [1, 2, 3]
@@ -160,7 +160,8 @@ def prune_config(tmp_path: Path, method: str, extra: list[str] = ()) -> list[str
 
 @pytest.mark.parametrize("method", ["pretrain", "bip", "imp"])
 def test_a_stop_mid_epoch_resumes_from_that_step_bit_identically(tmp_path, method, capsys):
-    overrides = TINY + [f"run.result_dir={tmp_path}"] if method == "pretrain" else prune_config(tmp_path, method)
+    overrides = (TINY + [f"run.result_dir={tmp_path}"]) if method == "pretrain" \
+        else prune_config(tmp_path, method)
     cfg = load_config([], overrides)
     full = train(cfg, tmp_path / "full")
     steps_per_epoch = metrics(tmp_path / "full")[0]["step"]
@@ -265,8 +266,8 @@ def test_children_read_the_published_final_pt_never_the_checkpoint(tmp_path, cap
                                     "prune.k=0.3", f"run.parent={identity.run_id(pre)}"])
     assert train(prune)["status"] == "done"
     # --source-net accepts a run folder: its final.pt
-    rc = main(["--exp-mode", "prune", "--layer-type", "unstructured", "--k", "0.3", "--source-net", str(parent),
-               "--trainer", "base", *base, "train.steps_per_epoch=1"])
+    rc = main(["--exp-mode", "prune", "--layer-type", "unstructured", "--k", "0.3", "--source-net",
+               str(parent), "--trainer", "base", *base, "train.steps_per_epoch=1"])
     assert rc == 0, capsys.readouterr().err
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -395,8 +396,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "bip.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cfg = load_config([], ["data.dataset=synthetic", "train.epochs=2", "run.seed=4", "data.synthetic_size=2048",
-                           "data.batch_size=32", f"run.result_dir={tmp_path}"])
+    cfg = load_config([], ["data.dataset=synthetic", "train.epochs=2", "run.seed=4",
+                           "data.synthetic_size=2048", "data.batch_size=32", f"run.result_dir={tmp_path}"])
     folder = identity.run_dir(cfg)
     end = time.time() + 300
     while not (folder / identity.OWNER).exists() and time.time() < end:

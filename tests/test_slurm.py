@@ -95,7 +95,8 @@ def test_grid_runs_as_dependent_arrays_then_skips_done_runs_and_redoes_a_deleted
 
     arrays = manifest(root, "dag")["submissions"][-1]["arrays"]
     # One array per parent: the prunes of the pretrain, then each finetune after its own prune.
-    assert [(a["stage"], a["tasks"]) for a in arrays] == [("pretrain", 1), ("prune", 4)] + [("finetune", 1)] * 4
+    assert [(a["stage"], a["tasks"]) for a in arrays] == \
+        [("pretrain", 1), ("prune", 4)] + [("finetune", 1)] * 4
     cells = manifest(root, "dag")["cells"]
     assert arrays[1]["dependency"] == f"afterany:{cells[pretrain]['job_id']}"
     for run in plan.runs["finetune"]:
@@ -248,11 +249,13 @@ def test_queued_jobs_run_the_code_they_were_submitted_with(tmp_path):
                       stages={"pretrain": {}, "prune": {"set": {"layer_type": "unstructured"}}})
     root = tmp_path / "runs"
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    held = subprocess.run([sys.executable, str(checkout / "launch" / "grid.py"), str(path), "--root", str(root),
-                           "--hold"], capture_output=True, text=True, timeout=300, env=env, cwd=checkout)
+    held = subprocess.run([sys.executable, str(checkout / "launch" / "grid.py"), str(path), "--root",
+                           str(root), "--hold"], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=checkout)
     assert held.returncode == 0, held.stdout + held.stderr
     train_py = checkout / "bip" / "train.py"  # a git pull that breaks training, after submission
-    train_py.write_text('raise RuntimeError("the checkout changed after submission")\n' + train_py.read_text())
+    broken = 'raise RuntimeError("the checkout changed after submission")\n'
+    train_py.write_text(broken + train_py.read_text())
     subprocess.run(git + ["commit", "-qam", "pulled"], check=True)
     jobs = [a["job_id"] for a in manifest(root, "pinned")["submissions"][-1]["arrays"]]
     subprocess.run(["scontrol", "release", *jobs], check=True)
