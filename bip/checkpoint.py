@@ -9,7 +9,6 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

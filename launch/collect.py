@@ -23,8 +23,6 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 if __package__ in (None, ""):  # run as `python launch/collect.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

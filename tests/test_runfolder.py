@@ -133,8 +133,9 @@ def test_two_trainers_started_at_once_train_once(tmp_path):
     assert codes == [0, 2], outs
     loser = outs[[p.returncode for p in procs].index(2)][1].strip().splitlines()
     assert len(loser) == 1 and "is in use by" in loser[0] and "pid" in loser[0], loser
+    race = tmp_path / "race"
     cfg = load_config([], ["data.dataset=synthetic", "train.epochs=3", "run.seed=3",
-                           "data.synthetic_size=512", "data.batch_size=32", f"run.result_dir={tmp_path / 'race'}"])
+                           "data.synthetic_size=512", "data.batch_size=32", f"run.result_dir={race}"])
     raced = identity.run_dir(cfg)
     train(cfg, tmp_path / "alone")
     assert [row["epoch"] for row in metrics(raced)] == [1, 2, 3]
