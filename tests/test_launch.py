@@ -251,6 +251,15 @@ def test_debug_runs_the_dag_skips_done_runs_and_redoes_what_depends_on_a_deleted
     capsys.readouterr()
     assert cli(path, "--root", root, "--debug") == 0
     assert "nothing to submit" in capsys.readouterr().out
+    # A run resumed under other code than it started with is listed by --status.
+    pretrain = plan.dir(plan.runs["pretrain"][0])
+    doc = json.loads((pretrain / identity.CONFIG).read_text())
+    doc["history"] = [{**doc["history"][0], "git_sha": "aaaaaaaaaaaa"}, doc["history"][0]]
+    doc["code_changed"] = True
+    (pretrain / identity.CONFIG).write_text(json.dumps(doc) + "\n")
+    assert cli(path, "--root", root, "--status") == 0
+    out = capsys.readouterr().out
+    assert "resumed under other code than they started with:" in out and "aaaaaaaaaa -> " in out
 
     prune = next(r for r in plan.runs["prune"] if r.cfg.prune.method == "hydra")
     child = next(r for r in plan.runs["finetune"] if r.parent == prune.key)

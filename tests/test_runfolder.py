@@ -410,3 +410,17 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes(tmp_p
     assert "stop requested (SIGTERM): checkpoint saved at epoch 1, step" in err
     saved = checkpoint.load(folder / identity.CHECKPOINT)
     assert saved["epoch"] == 0 and saved["step_in_epoch"] > 0
+
+
+def test_a_run_finished_before_final_pt_existed_stays_done(tmp_path):
+    cfg = load_config([], TINY + [f"run.result_dir={tmp_path}", "train.epochs=1"])
+    train(cfg)
+    folder = identity.run_dir(cfg)
+    result = json.loads((folder / identity.RESULT).read_text())
+    del result["final"]
+    (folder / identity.RESULT).write_text(json.dumps(result))
+    (folder / identity.FINAL).unlink()
+    found = runfolder.inspect(folder)
+    assert found.state == "done" and runfolder.model_file(folder, found.result).name == identity.CHECKPOINT
+    (folder / identity.CHECKPOINT).write_bytes(b"")  # its model file damaged: corrupt
+    assert runfolder.inspect(folder).state == "corrupt"
