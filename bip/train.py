@@ -127,13 +127,13 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -
     """Training state: the folder's own checkpoint (a damaged one is moved aside; the main rank
     decides), else the --resume seed, else a fresh start."""
     own = folder.path / identity.CHECKPOINT
-    usable = own.is_file()
-    if usable and accelerator.is_main_process:
+    ckpt = None
+    if own.is_file() and accelerator.is_main_process:
         try:
-            checkpoint.load(own, "checkpoint")
+            ckpt = checkpoint.load(own, "checkpoint")
         except BipError:
             folder.set_aside(identity.CHECKPOINT)
-            usable = False
+    usable = ckpt is not None
     if accelerator.num_processes > 1:
         box = [usable]
         dist.broadcast_object_list(box, src=0)
@@ -142,8 +142,8 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -
              "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None}, "wall_time_s": 0.0,
              "resumed_from": None}
     if usable:
-        state.update(_resume(checkpoint.load(own, "checkpoint"), own, job.method),
-                     resumed_from="checkpoint.pt")
+        ckpt = ckpt if ckpt is not None else checkpoint.load(own, "checkpoint")
+        state.update(_resume(ckpt, own, job.method), resumed_from="checkpoint.pt")
     elif job.seed_ckpt is not None:
         state.update(_resume(job.seed_ckpt, Path(cfg.run.resume), job.method), resumed_from=cfg.run.resume)
     if state["resumed_from"]:
