@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -47,8 +50,10 @@ def read_owner(path: Path) -> dict | None:
     return {"mtime": mtime, "raw": raw}
 
 
-def takeover_reason(owner: dict, now: float | None = None) -> str | None:
-    """Why a lease may be taken over, or None while its owner is alive."""
+def takeover_reason(owner: dict, now: float | None = None, ask_slurm: bool = False) -> str | None:
+    """Why a lease may be taken over, or None while its owner is alive. ``ask_slurm`` (the
+    trainer about to claim it): also free when squeue says the owner's Slurm job has ended (a
+    node crash or an OOM kill leaves a heartbeat that is only minutes old)."""
     now = time.time() if now is None else now
     stale_s = float(owner.get("stale_s", 600))
     beat = float(owner.get("heartbeat", owner.get("mtime", now)))
@@ -65,7 +70,25 @@ def takeover_reason(owner: dict, now: float | None = None) -> str | None:
             return None if mine else "an earlier trainer of this process did not release it"
         if not pid_alive(int(owner["pid"]), owner.get("pid_start")):
             return f"process {owner['pid']} is gone"
+    job_of_owner = str(owner.get("slurm_job_id") or "")
+    if ask_slurm and job_of_owner and not mine and slurm_job_ended(job_of_owner):
+        return f"its Slurm job {owner['slurm_job_id']} has ended"
     return None
+
+
+_LIVE_JOB_STATES = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,REQUEUED,RESIZING,SIGNALING"
+
+
+def slurm_job_ended(job_id: str) -> bool:
+    """True only when squeue answers and does not list ``job_id`` as live (any doubt: False)."""
+    if not re.fullmatch(r"\d+(_\d+)?", job_id) or shutil.which("squeue") is None:
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-t", _LIVE_JOB_STATES, "-o", "%i"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and not out.stdout.strip()
 
 
 def owner_line(run_dir: Path, owner: dict) -> str:
@@ -144,7 +167,7 @@ class Lease:
             owner = read_owner(self.path)
             if owner is None:
                 continue  # released meanwhile
-            reason = takeover_reason(owner)
+            reason = takeover_reason(owner, ask_slurm=True)
             if reason is None:
                 raise LeaseHeld(owner_line(self.run_dir, owner))
             if self._break(owner):

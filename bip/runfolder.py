@@ -237,7 +237,7 @@ class RunFolder:
         if int(os.environ.get("RANK", "0") or 0) != 0:
             return
         owner = read_owner(self.path / identity.OWNER)
-        if owner is not None and takeover_reason(owner) is None:
+        if owner is not None and takeover_reason(owner, ask_slurm=True) is None:
             raise LeaseHeld(owner_line(self.path, owner))
 
     def claim(self) -> dict | None:

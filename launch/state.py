@@ -52,7 +52,10 @@ def combine(found: Inspection, slurm_state: str = "", parent: str = "done",
     if found.state == "done":
         return "done", where
     owner = found.owner
-    if lease_live(owner):
+    # A lease of the run's own job that Slurm says has ended is dead (node crash, OOM kill).
+    dead_job = bool(owner and job and owner.get("slurm_job_id") == job
+                    and slurm_state and slurm_state not in ACTIVE)
+    if lease_live(owner) and not dead_job:
         age = time.time() - float(owner.get("heartbeat", time.time()))
         job_text = f", Slurm job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
         return "running", f"{owner.get('host')} pid {owner.get('pid')}{job_text}, heartbeat {age:.0f} s ago"

@@ -338,3 +338,10 @@ def test_a_run_a_live_trainer_holds_is_not_submitted_and_its_children_are_held_b
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
     assert rows["pretrain"][3:6] == ["1", "0", "0"]  # live 1, failed 0, submit 0
     assert rows["prune"][5] == "0" and "held back" in out and "runs outside Slurm" in out
+
+
+def test_a_lease_whose_slurm_job_ended_is_not_running(tmp_path):
+    live = {"host": "elsewhere", "pid": 1, "heartbeat": time.time(), "stale_s": 600, "slurm_job_id": "5_1"}
+    assert state.combine(_found("started", live), "RUNNING", "done", "5_1")[0] == "running"
+    assert state.combine(_found("started", live), "NODE_FAIL", "done", "5_1")[0] == "failed"
+    assert state.combine(_found("started", live), "", "done", None)[0] == "running"  # no accounting

@@ -359,3 +359,33 @@ def test_a_1000_cell_grid_takes_one_sbatch_per_parent_array(root, tmp_path):
     assert [(a["stage"], a["tasks"]) for a in arrays] == \
         [("pretrain", 5)] + [("prune", 200)] * 5 + [("finetune", 100)] * 5
     assert len(calls.read_text().splitlines()) == 11 and "sbatch calls: 11" in out.stdout
+
+
+def test_a_lease_held_by_an_ended_slurm_job_is_taken_over_at_once(tmp_path):
+    # A node crash or an OOM kill leaves a heartbeat only minutes old; squeue says the job is over.
+    def sbatch(command: str) -> str:
+        return subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", command],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def listed(job: str) -> bool:
+        return bool(subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip())
+    ended, running = sbatch("true"), sbatch("sleep 120")
+    try:
+        poll(lambda: not listed(ended), what="the short job to end")
+        for job, free in ((running, False), (ended, True)):
+            folder = tmp_path / job
+            folder.mkdir()
+            (folder / identity.OWNER).write_text(json.dumps(
+                {"host": "a-crashed-node", "pid": 4242, "slurm_job_id": job, "started": "t",
+                 "heartbeat": time.time(), "stale_s": 600, "token": "x"}))
+            logged = []
+            lease = runfolder.Lease(folder, 600, log=logged.append)
+            if free:
+                lease.acquire()
+                assert "has ended" in logged[0]
+                lease.release()
+            else:
+                with pytest.raises(runfolder.LeaseHeld):
+                    lease.acquire()
+    finally:
+        subprocess.run(["scancel", running], check=False)
