@@ -424,3 +424,11 @@ def test_a_run_finished_before_final_pt_existed_stays_done(tmp_path):
     assert found.state == "done" and runfolder.model_file(folder, found.result).name == identity.CHECKPOINT
     (folder / identity.CHECKPOINT).write_bytes(b"")  # its model file damaged: corrupt
     assert runfolder.inspect(folder).state == "corrupt"
+
+
+@pytest.mark.parametrize("override", ["train.checkpoint_every_min=0", "train.checkpoint_every_min=nan",
+                                      "run.lease_stale_min=-1"])
+def test_bad_lifecycle_settings_are_one_line(tmp_path, override, capsys):
+    assert main(["--result-dir", str(tmp_path), *TINY, override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be > 0" in err[0] and not list(tmp_path.iterdir())
