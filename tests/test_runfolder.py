@@ -320,6 +320,7 @@ def test_resume_checks_what_it_resumes_and_only_seeds_a_folder_without_a_checkpo
     waiting.mkdir(parents=True)
     (waiting / identity.CONFIG).write_text(identity.config_yaml(cfg, {"submitted": {}}))
     before = snapshot_folder(waiting)
+    capsys.readouterr()
     assert main([*base, "run.seed=8", f"run.resume={foreign}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seed 7, not of this run" in err[0] and "run.resume_foreign=true" in err[0]
