@@ -272,7 +272,10 @@ def run_local(plan: Plan, runs: list[Run], resources: dict, workers: int, thread
                                     "MKL_NUM_THREADS": str(threads)}, (code or {}).get("path"))
     logs = plan.root / "_local" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True, exist_ok=True)
-    pool: list[_Worker] = []
+    single = sum(resources[run.stage]["tasks_per_node"] * resources[run.stage]["nodes"] == 1 for run in runs)
+    # Started now, so their interpreter and torch start-up overlaps the first run (the DAG's
+    # root often runs alone: its children start the moment it ends).
+    pool: list[_Worker] = [_Worker(env, threads) for _ in range(min(workers, single))]
     submitted = []
 
     def start(run: Run):
