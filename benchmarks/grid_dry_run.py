@@ -1,13 +1,15 @@
-"""How long ``launch/grid.py --dry-run`` takes on a 1,000-cell grid (goal: < 10 s), and how many
-``sbatch`` calls the same grid costs when submitted to the local Slurm cluster (goal: one per stage).
+"""How long ``launch/grid.py --dry-run`` takes on a 10,080-cell grid over 36 pretrains (goal:
+< 10 s), how many ``sbatch`` calls it plans (printed by the dry run: one array per parent up to
+64 per stage, then one per parent array), and what submitting it to the local Slurm costs.
 
-The grid: synthetic data, resnet20s, 5 seeds x {bip, hydra} x 25 k x 4 epoch counts = 1,000
-cells -> 5 pretrains + 1,000 prunes + 500 hydra finetunes. The dry run is timed as a
-subprocess (interpreter start and imports included), several times, median printed; it must
-call sbatch zero times. With a cluster (``sinfo`` works), the grid is then submitted held
-(``--hold``: nothing runs) through an ``sbatch`` shim on PATH that counts calls, and cancelled.
+The grid: synthetic data, 6 archs x 6 seeds = 36 pretrains, x {bip, hydra} x 35 k x 4 epoch
+counts = 10,080 cells -> 36 pretrains + 10,080 prunes + 5,040 hydra finetunes. The dry run
+is timed as a subprocess (interpreter start and imports included), several times, median
+printed; it must call sbatch zero times. With a cluster (``sinfo`` works) and ``--submit``,
+the grid is then submitted held (``--hold``: nothing runs) through an ``sbatch`` shim on PATH
+that counts calls, and cancelled (15,156 held jobs: about a minute on the dev cluster).
 
-    python benchmarks/grid_dry_run.py [--repeat 5] [--no-submit] [--keep DIR]
+    python benchmarks/grid_dry_run.py [--repeat 5] [--submit] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -25,16 +27,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 K = [0.8, 0.64, 0.512, 0.41, 0.328, 0.262, 0.2097, 0.1678, 0.1342, 0.1074, 0.0859, 0.0687, 0.055,
      0.044, 0.035, 0.028, 0.0225, 0.018, 0.0144, 0.0115, 0.0092, 0.007, 0.005, 0.003, 0.001]
-GRID = f"""# 1,000 cells for benchmarks/grid_dry_run.py
-name: bench1000
+K += [0.0008, 0.0006, 0.0004, 0.0002, 0.0001, 0.00008, 0.00006, 0.00004, 0.00002, 0.00001]  # 35
+ARCHS = ["resnet20s", "resnet32s", "resnet44s", "resnet56s", "resnet110s", "vgg11"]
+NAME = "bench10k"
+GRID = f"""# 10,080 cells over 36 pretrains for benchmarks/grid_dry_run.py
+name: {NAME}
 profile: local
-set: {{dataset: synthetic, data.synthetic_size: 256, data.batch_size: 32, arch: resnet20s}}
+set: {{dataset: synthetic, data.synthetic_size: 256, data.batch_size: 32}}
 stages:
   pretrain: {{set: {{epochs: 1}}}}
   prune: {{set: {{layer_type: unstructured}}}}
   finetune: {{methods: [hydra], set: {{epochs: 1}}}}
 axes:
-  seed: [1, 2, 3, 4, 5]
+  seed: [1, 2, 3, 4, 5, 6]
+  arch: {ARCHS}
   method: [bip, hydra]
   k: {K}
   train.epochs@prune: [1, 2, 3, 4]
@@ -76,7 +82,7 @@ def submit_held(grid: Path, root: Path, env: dict, log: Path) -> None:
     elapsed = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"submission failed: {out.stderr.strip()}")
-    manifest = json.loads((root / "_grids" / "bench1000.json").read_text())
+    manifest = json.loads((root / "_grids" / f"{NAME}.json").read_text())
     arrays = manifest["submissions"][-1]["arrays"]
     subprocess.run(["scancel", *[a["job_id"] for a in arrays]], check=False)
     runs = sum(a["tasks"] for a in arrays)
@@ -88,22 +94,22 @@ def submit_held(grid: Path, root: Path, env: dict, log: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-submit", action="store_true", help="only time the dry run")
+    parser.add_argument("--submit", action="store_true", help="also submit it held to the local Slurm")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temp folder)")
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="grid-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    grid, root, log = work / "bench1000.yml", work / "runs", work / "sbatch-calls.log"
+    grid, root, log = work / f"{NAME}.yml", work / "runs", work / "sbatch-calls.log"
     grid.write_text(GRID)
     env = sbatch_shim(work, log) if shutil.which("sbatch") else dict(os.environ)
     try:
         times = time_dry_runs(grid, root, env, args.repeat)
-        print(f"dry run, 1,000 cells: median {statistics.median(times):.2f} s "
+        print(f"dry run, 10,080 cells / 15,156 runs: median {statistics.median(times):.2f} s "
               f"(min {min(times):.2f}, max {max(times):.2f}, n={len(times)}); "
               f"sbatch calls: {calls(log)}; files written: {root.exists()}")
         cluster = shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0
-        if args.no_submit or not cluster:
-            print("submission skipped" + ("" if args.no_submit else ": no Slurm cluster (sinfo failed)"))
+        if not args.submit or not cluster:
+            print("submission skipped" + ("" if not args.submit else ": no Slurm cluster (sinfo failed)"))
         else:
             submit_held(grid, root, env, log)
     finally:

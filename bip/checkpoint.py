@@ -10,7 +10,6 @@ import random
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from bip.atomic import atomic_write, write_bytes, write_json, write_text  # noqa
 from bip.errors import BipError
 
 FORMAT = "bip-checkpoint-1"
+FINAL_FORMAT = "bip-final-1"  # final.pt: model + masks + meta, no training state
 
 
 def save(path: Path, obj: dict) -> None:
@@ -50,7 +50,7 @@ def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if Path(path).suffix == ".safetensors":
         return _safetensors(Path(path)), {}
     obj = load(path, "source checkpoint")
-    ours = obj.get("format") == FORMAT
+    ours = obj.get("format") in (FORMAT, FINAL_FORMAT)
     state = obj.get("model") if ours else obj.get("state_dict", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BipError(f"source checkpoint {path} holds no model state_dict"

@@ -208,6 +208,7 @@ class TrainConfig:
     channels_last: bool = False     # model and input batches in channels_last memory format
     compile: bool = False           # torch.compile the model (in place; one graph per pass kind)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: debugging)
+    checkpoint_every_min: float = 30.0  # a step checkpoint at least this often (a kill loses less)
 
     def __post_init__(self):
         if self.mixed_precision == "no":  # accelerate's spelling
@@ -221,6 +222,8 @@ class TrainConfig:
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _check_min(self, "train", 0, ("max_nonfinite_steps",))
         _check_min(self, "train", -1, ("rewind_epoch",))
+        if not self.checkpoint_every_min > 0:  # also rejects NaN
+            raise BipError(f"train.checkpoint_every_min must be > 0, got {self.checkpoint_every_min}")
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,9 @@ class RunConfig:
     result_dir: str = "runs"
     source_net: str = ""            # checkpoint to start from (hand-made runs)
     parent: str = ""                # or: the run id of the parent stage, same seed (grids)
-    resume: str = ""                # checkpoint to resume from (default: the run's own)
+    resume: str = ""                # checkpoint that seeds a run folder without one of its own
+    resume_foreign: bool = False    # allow --resume from another run's checkpoint (recorded)
+    lease_stale_min: float = 10.0   # a run folder's lease without a heartbeat for this long is free
     print_freq: int = 100           # batches between progress-bar refreshes
 
     def __post_init__(self):
@@ -239,6 +244,8 @@ class RunConfig:
         check_root_text("run.result_dir", self.result_dir)
         _check_range("run.seed", self.seed, 0, 2**32 - 1)
         _check_min(self, "run", 1, ("print_freq",))
+        if not self.lease_stale_min > 0:
+            raise BipError(f"run.lease_stale_min must be > 0, got {self.lease_stale_min}")
         if self.source_net and self.parent:
             raise BipError("give either run.source_net or run.parent, not both")
 
@@ -247,6 +254,7 @@ SECTIONS = {
     "data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "bip": BipConfig,
     "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
 }
+_FIELD_NAMES = {s: tuple(f.name for f in fields(cls)) for s, cls in SECTIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -272,7 +280,10 @@ class Config:
         return {"pretrain": "dense", "finetune": "finetune"}.get(self.run.stage, self.prune.method)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        # Every field is a scalar: a shallow copy equals dataclasses.asdict, 10x faster (grids
+        # of 10,000 cells build a config per run).
+        return {s: {name: getattr(section, name) for name in _FIELD_NAMES[s]}
+                for s, section in ((s, getattr(self, s)) for s in SECTIONS)}
 
     def replace(self, **dotted: Any) -> "Config":
         """A copy with ``section.key`` values replaced (coerced and validated)."""

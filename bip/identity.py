@@ -5,7 +5,10 @@ that can change the result, and only those that differ from their defaults (so a
 with a no-op default keeps every old id). Paths, worker counts and labels are not hashed; the
 seed is the sub-folder, so replicates are siblings:
 
-    <root>/<run id>/seed_<seed>/{config.yaml, metrics.jsonl, checkpoint.pt, mask.pt, result.json}
+    <root>/<run id>/seed_<seed>/{owner.json, config.yaml, metrics.jsonl, checkpoint.pt, mask.pt,
+                                 final.pt, result.json, error.json, error.rank<N>.json}
+
+(bip/runfolder.py owns what these files mean and when they are written.)
 
 A stage started from another run names it by id (run.parent); a hand-made source checkpoint
 (run.source_net) is hashed by content.
@@ -24,12 +27,19 @@ from bip.names import safe_component  # noqa: F401  (the one name -> folder mapp
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
 MASK, RESULT, ERROR, REWIND = "mask.pt", "result.json", "error.json", "rewind.pt"
+FINAL, OWNER = "final.pt", "owner.json"
+
+
+def rank_error(rank: int) -> str:
+    """The error file of one rank (every rank that raises writes its own)."""
+    return f"error.rank{int(rank)}.json"
 
 # Never result-affecting.
 _NOT_HASHED = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "data.train_beton",
     "data.val_beton", "run.seed", "run.exp_name", "run.result_dir", "run.resume",
-    "run.print_freq", "run.source_net",
+    "run.print_freq", "run.source_net", "run.resume_foreign", "run.lease_stale_min",
+    "train.checkpoint_every_min",
     # A tolerance: it decides whether a diverging run stops, never what a finished run computed,
     # so raising it resumes the stopped run in its own folder.
     "train.max_nonfinite_steps",
@@ -69,6 +79,7 @@ def _unused(cfg: Config) -> set[str]:
 
 
 _DEFAULTS = Config()
+_FIELDS = {section: tuple(f.name for f in fields(kind)) for section, kind in SECTIONS.items()}
 
 
 def hashed_fields(cfg: Config) -> dict[str, object]:
@@ -81,10 +92,10 @@ def hashed_fields(cfg: Config) -> dict[str, object]:
         values, defaults = getattr(cfg, section), getattr(_DEFAULTS, section)
         if values == defaults:
             continue
-        for f in fields(values):
-            dotted = f"{section}.{f.name}"
-            value = getattr(values, f.name)
-            if value != getattr(defaults, f.name) and dotted not in _NOT_HASHED and dotted not in unused:
+        for name in _FIELDS[section]:
+            dotted = f"{section}.{name}"
+            value = getattr(values, name)
+            if value != getattr(defaults, name) and dotted not in _NOT_HASHED and dotted not in unused:
                 out[dotted] = value
     if cfg.run.source_net:
         out["run.source_sha256"] = source_digest(cfg.run.source_net)
@@ -123,9 +134,15 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()[:16]
 
 
+def source_file(path: str | Path) -> Path:
+    """A --source-net value as a file: a run folder means its published final.pt."""
+    p = Path(path)
+    return p / FINAL if p.is_dir() else p
+
+
 def source_digest(path: str) -> str:
     """Content hash of a source checkpoint ('missing' if absent: train reports that error)."""
-    p = Path(path)
+    p = source_file(path)
     if not p.is_file():
         return "missing"
     st = p.stat()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import random
@@ -25,18 +26,28 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+CODE_FILE = "CODE.json"  # written into a code snapshot by launch/snapshot.py
+
+
 @functools.lru_cache(maxsize=1)
 def git_state() -> dict:
-    """Commit and dirty flag of the checkout bip runs from (fixed git arguments only)."""
+    """Commit, dirty flag and code snapshot id of the code bip runs from: a launcher snapshot
+    says so in its CODE.json; a checkout is asked with fixed git arguments."""
     repo = Path(__file__).resolve().parent.parent
+    try:
+        code = json.loads((repo / CODE_FILE).read_text())
+        return {"git_sha": code.get("git_sha"), "git_dirty": code.get("git_dirty"), "code": code.get("id")}
+    except (OSError, ValueError, AttributeError):
+        pass
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
     try:
-        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
+        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+                "code": None}
     except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
+        return {"git_sha": None, "git_dirty": None, "code": None}
 
 
 def slurm_job_id() -> str | None:

@@ -1,10 +1,12 @@
-"""The one training loop: build -> resume -> epochs -> eval -> checkpoint -> result.json.
+"""The one training loop: build -> claim the folder -> resume -> epochs -> publish.
 
 ``python -m bip.train`` takes the original BiP README's flags (``--configs --exp-mode --k
 ...``) plus ``section.key=value``; the last line it prints is the run folder. ``train(cfg,
-run_dir)`` is the library entry point the launcher calls. A run writes only its own folder;
-``result.json`` is written last, and its presence means the run is done: calling train again
-returns it without training. A run with a ``checkpoint.pt`` resumes from it exactly.
+run_dir)`` is the library entry point the launcher calls. A run writes only its own folder,
+and only while it holds the folder's lease; its lifecycle (lease, step checkpoints, start
+history, publishing final.pt + result.json) is bip/runfolder.py's. A done run (result.json
+and final.pt intact) is returned without training; a run with a ``checkpoint.pt`` resumes
+from it at the exact step; a damaged one is repaired.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import time
 import warnings
@@ -22,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bip import checkpoint, collapse, identity, masking
+from bip import checkpoint, collapse, identity, masking, runfolder
 from bip.config import Config, config_from_argv
 from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
@@ -33,36 +37,58 @@ from bip.models import create_model, model_builder, model_options
 from bip.models.external import input_defaults, is_external
 from bip.names import check_root
 from bip.nonfinite import NonFiniteGuard
-from bip.provenance import provenance, seed_everything
+from bip.provenance import git_state, provenance, seed_everything
 from bip.speed import prepare_model
 
 Hook = Callable[[str, dict], None]
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = None) -> dict:
-    """Run (or resume, or return the finished result of) one stage; returns result.json."""
+    """Run, resume, or return the finished result of one stage; returns result.json.
+
+    Everything that can be wrong with the command is checked before the folder is touched;
+    then the main rank takes the folder's lease (bip/runfolder.py), which a second trainer
+    finds held (BipError naming the owner). The run resumes from its own checkpoint.pt at the
+    exact step, or from ``run.resume`` when it has none. A stop request (a Slurm signal, see
+    launch/job.py) checkpoints at the next step boundary and raises runfolder.Interrupted."""
     run_dir = Path(run_dir) if run_dir is not None else identity.run_dir(cfg)
-    if (run_dir / identity.RESULT).is_file():
-        return json.loads((run_dir / identity.RESULT).read_text())
+    folder = runfolder.RunFolder(run_dir, cfg.run.lease_stale_min)
+    done = folder.done_result()
+    if done is not None:
+        return done
+    folder.check_free()
     accelerator = _accelerator(cfg)
-    main_process = accelerator.is_main_process
+    folder.main = accelerator.is_main_process
+    job = _build(cfg, run_dir, accelerator)
     try:
-        return _train(cfg, run_dir, accelerator, hook)
+        done = _claim(folder, accelerator)
+        if done is not None:
+            return done
+        state = _restore(cfg, folder, job, accelerator)
+        folder.start(identity.config_yaml(cfg, provenance(accelerator)), _start_entry(cfg, state),
+                     state["epoch"])
+        return _train(cfg, folder, job, state, accelerator, hook)
     except Exception as err:
-        if main_process:  # the folder says why it failed; Slurm sees the exception
-            checkpoint.write_json(run_dir / identity.ERROR, {
-                "status": "failed", "error": f"{type(err).__name__}: {err}", "time": time.time()})
+        folder.fail(err, accelerator.process_index)
         raise
+    finally:
+        folder.release()
 
 
-def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
-    start_time, main = time.time(), accelerator.is_main_process
+class _Job:
+    """What a run is made of (built and validated before the folder is touched)."""
+
+    def __init__(self, model, method, loaders, seed_ckpt):
+        self.model, self.method, self.loaders, self.seed_ckpt = model, method, loaders, seed_ckpt
+
+
+def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
     seed_everything(cfg.run.seed, cfg.train.deterministic)
     # Cheap checks first: a typo should not wait for the dataset to load.
     model_builder(cfg.model.arch)
     source = source_path(cfg, Path(cfg.run.result_dir))
-    resume_path = Path(cfg.run.resume) if cfg.run.resume else run_dir / identity.CHECKPOINT
-    resuming = resume_path.is_file() or bool(cfg.run.resume)
+    own = (run_dir / identity.CHECKPOINT).is_file()
+    seed_ckpt = _seed_checkpoint(cfg) if cfg.run.resume and not own else None
     # ffcv brings its own images: only the dataset's description is needed (no raw files).
     spec = (describe_dataset if cfg.data.loader == "ffcv" else load_dataset)(cfg.data, cfg.model.num_classes)
     spec = model_input(cfg, spec)
@@ -72,7 +98,7 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
                                        **model_options(cfg.model)).to(accelerator.device), cfg.train)
     if source is not None:
         load_source(cfg, model, source)
-    elif cfg.run.stage != "pretrain" and not resuming:
+    elif cfg.run.stage != "pretrain" and not (own or seed_ckpt):
         raise BipError(f"stage {cfg.run.stage} needs a source: --source-net CKPT or run.parent=RUN_ID")
     rewind = None
     if cfg.run.stage == "prune" and cfg.prune.method == "imp":
@@ -83,57 +109,120 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
                             device=accelerator.device)
     method.attach(accelerator.prepare_model(model) if accelerator.num_processes > 1 else model,
                   accelerator)
+    return _Job(model, method, loaders, seed_ckpt)
 
-    state = {"epoch": 0, "step": 0, "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None},
-             "wall_time_s": 0.0, "nonfinite_steps": 0}
-    if resuming:
-        state = _resume(resume_path, method, state)
-    guard = NonFiniteGuard(method.core, method.optimizers.values(), cfg.train.max_nonfinite_steps,
-                           accelerator.device, state["nonfinite_steps"])
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text(run_dir / identity.CONFIG, identity.config_yaml(cfg, provenance(accelerator)))
-        (run_dir / identity.ERROR).unlink(missing_ok=True)
-        _trim_metrics(run_dir / identity.METRICS, state["epoch"])
 
+def _claim(folder: runfolder.RunFolder, accelerator) -> dict | None:
+    """The main rank takes the lease; every rank learns the outcome (one broadcast at start)."""
+    outcome = ("ok", None)
+    if accelerator.is_main_process:
+        try:
+            done = folder.claim()
+            outcome = ("done", done) if done is not None else ("ok", None)
+        except BipError as err:
+            outcome = ("busy", str(err))
+    if accelerator.num_processes > 1:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if outcome[0] == "busy":
+        raise runfolder.LeaseHeld(outcome[1])
+    folder.owned = True  # by this run (the main rank holds the lease)
+    return outcome[1]
+
+
+def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -> dict:
+    """Training state: the folder's own checkpoint (a damaged one is moved aside; the main rank
+    decides), else the --resume seed, else a fresh start."""
+    own = folder.path / identity.CHECKPOINT
+    ckpt = None
+    if own.is_file() and accelerator.is_main_process:
+        try:
+            ckpt = checkpoint.load(own, "checkpoint")
+        except BipError:
+            folder.set_aside(identity.CHECKPOINT)
+    usable = ckpt is not None
+    if accelerator.num_processes > 1:
+        box = [usable]
+        dist.broadcast_object_list(box, src=0)
+        usable = box[0]
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "totals": {}, "epoch_time_s": 0.0,
+             "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None}, "wall_time_s": 0.0,
+             "resumed_from": None, "nonfinite_steps": 0}
+    if usable:
+        ckpt = ckpt if ckpt is not None else checkpoint.load(own, "checkpoint")
+        state.update(_resume(ckpt, own, job.method), resumed_from="checkpoint.pt")
+    elif job.seed_ckpt is not None:
+        state.update(_resume(job.seed_ckpt, Path(cfg.run.resume), job.method), resumed_from=cfg.run.resume)
+    if state["resumed_from"]:
+        _Progress(accelerator.is_main_process, 1).line(
+            f"resuming from {state['resumed_from']}: epoch {state['epoch'] + 1}, step "
+            f"{state['step_in_epoch']} of the epoch (global step {state['step']})")
+    return state
+
+
+def _start_entry(cfg: Config, state: dict) -> dict:
+    """This start's line in config.yaml's history."""
+    entry = {**git_state(), "host": socket.gethostname(), "pid": os.getpid(),
+             "slurm_job_id": runfolder.slurm_job_id(),
+             "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "resumed_at": {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
+             if state["resumed_from"] else None}
+    if state["resumed_from"] and state["resumed_from"] != "checkpoint.pt":
+        entry["seeded_from"] = state["resumed_from"]
+        entry["resume_foreign"] = cfg.run.resume_foreign
+    return entry
+
+
+def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, accelerator,
+           hook: Hook | None) -> dict:
+    method, loaders, model, main = job.method, job.loaders, job.model, accelerator.is_main_process
+    start_time = time.time()
     epochs, steps = method.epochs(), len(loaders.streams[0])
     if cfg.train.steps_per_epoch:
         steps = min(steps, cfg.train.steps_per_epoch)
     log = _Progress(main, cfg.run.print_freq)
+    cadence = runfolder.Cadence(cfg.train.checkpoint_every_min, accelerator.num_processes)
+    guard = NonFiniteGuard(method.core, method.optimizers.values(), cfg.train.max_nonfinite_steps,
+                           accelerator.device, state["nonfinite_steps"])
     last = None
     for epoch in range(state["epoch"], epochs):
-        t0 = time.time()
-        method.on_epoch_start(epoch)
+        t0, first = time.time(), state["step_in_epoch"]
+        if first == 0:  # a resumed epoch already had its start (IMP rewinds weights there)
+            method.on_epoch_start(epoch)
         model.train()
-        totals = {}
-        batches = zip(*(stream.epoch(epoch) for stream in loaders.streams))
-        for i, batch in enumerate(log.wrap(batches, steps, f"epoch {epoch + 1}/{epochs}")):
+        batches = zip(*(stream.epoch(epoch, start=first) for stream in loaders.streams))
+        for i, batch in enumerate(log.wrap(batches, steps - first, f"epoch {epoch + 1}/{epochs}"), first):
             if i >= steps:
                 break
             guard.before_step()
             stats = method.step(list(batch), epoch + i / steps)
             guard.after_step(stats["loss"], state["step"])
-            totals = {k: totals.get(k, 0) + v for k, v in stats.items()}
-            state["step"] += 1
+            state["totals"] = {k: state["totals"].get(k, 0) + v for k, v in stats.items()}
+            state["step"], state["step_in_epoch"] = state["step"] + 1, i + 1
             if state["step"] % cfg.run.print_freq == 0:  # a logging point: the one sync allowed
                 guard.check(epoch)
             if hook:
                 hook("step", {"epoch": epoch, "step": state["step"], "model": model})
+            _maybe_checkpoint(cfg, folder, method, state, cadence, time.time() - t0, log, guard)
         state["nonfinite_steps"] = guard.check(epoch)  # before anything of this epoch is saved
         last = _evaluate(model, loaders, accelerator, cfg)
-        last.update(epoch=epoch + 1, step=state["step"], time_s=round(time.time() - t0, 3),
-                    train_loss=_mean(totals, "loss"), train_acc=_mean(totals, "correct"))
+        state["epoch_time_s"] += time.time() - t0
+        last.update(epoch=epoch + 1, step=state["step"], time_s=round(state["epoch_time_s"], 3),
+                    train_loss=_mean(state["totals"], "loss"), train_acc=_mean(state["totals"], "correct"))
         last.update(collapse.record(method.core, loaders.input_shape, f"epoch {epoch + 1}", log.line))
         if last.get("val_acc", -1.0) > state["best"]["val_acc"]:
             state["best"] = {"val_acc": last["val_acc"], "epoch": epoch + 1, "test_acc": last["test_acc"]}
-        state["epoch"] = epoch + 1
-        state["wall_time_s"] += time.time() - t0
+        state["wall_time_s"] += state["epoch_time_s"]
+        state.update(epoch=epoch + 1, step_in_epoch=0, totals={}, epoch_time_s=0.0)
         if main:
-            _append_metrics(run_dir / identity.METRICS, last)
-            checkpoint.save(run_dir / identity.CHECKPOINT, _checkpoint(cfg, method, state))
-            if cfg.run.stage == "pretrain" and epoch + 1 == rewind_epoch(cfg):
-                checkpoint.save(run_dir / identity.REWIND, _checkpoint(cfg, method, state))
+            _append_metrics(folder.path / identity.METRICS, last)
             log.line(f"epoch {epoch + 1}/{epochs} " + _summary(last))
+        folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
+        cadence.saved()
+        if cfg.run.stage == "pretrain" and epoch + 1 == rewind_epoch(cfg):
+            folder.save(identity.REWIND, _checkpoint(cfg, method, state))
         collapse.enforce(last, cfg.prune.on_collapse, f"epoch {epoch + 1}")
         if hook:
             hook("epoch", {"epoch": epoch + 1, "metrics": last, "model": model})
@@ -141,17 +230,34 @@ def _train(cfg: Config, run_dir: Path, accelerator, hook: Hook | None) -> dict:
         last = _evaluate(model, loaders, accelerator, cfg)
         last.update(collapse.record(method.core, loaders.input_shape, "mask", log.line))
         collapse.enforce(last, cfg.prune.on_collapse, "mask")
-        if main:
-            checkpoint.save(run_dir / identity.CHECKPOINT, _checkpoint(cfg, method, state))
+        folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
     result = _result(cfg, model, loaders, state, last, accelerator, time.time() - start_time)
-    if main:
-        if masking.masked_layers(model):
-            checkpoint.save(run_dir / identity.MASK, _mask_file(cfg, model, result["sparsity"]))
-        checkpoint.write_json(run_dir / identity.RESULT, result)
-        log.line(f"done: test_acc {result['test_acc']:.2f} " + (
-            f"kept_fraction {result['sparsity']['kept_fraction']:.4f}" if result["sparsity"] else ""))
+    layers = masking.masked_layers(model)
+    mask = _mask_file(cfg, model, result["sparsity"]) if layers else None
+    result = folder.publish(_final(cfg, method), result, mask)
+    log.line(f"done: test_acc {result['test_acc']:.2f} " + (
+        f"kept_fraction {result['sparsity']['kept_fraction']:.4f}" if result["sparsity"] else ""))
     accelerator.wait_for_everyone()
     return result
+
+
+def _maybe_checkpoint(cfg, folder, method, state, cadence, epoch_s: float, log, guard) -> None:
+    """At a step boundary: a step checkpoint when it is due or a stop was requested (all ranks
+    agree on the step); after a stop request, raise Interrupted once it is saved."""
+    action = cadence.poll(lost=folder.lease_lost())
+    if not action:
+        return
+    folder.check_lease(lost=action == 3)
+    state["nonfinite_steps"] = guard.check(state["epoch"])  # never checkpoint a diverged state
+    saved = {**state, "epoch_time_s": state["epoch_time_s"] + epoch_s}
+    folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, saved))
+    cadence.saved()
+    if action == 2:
+        log.line(f"stop requested ({runfolder.stop_reason() or 'by another rank'}): checkpoint saved at "
+                 f"epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of the epoch")
+        if dist.is_initialized():
+            dist.barrier()
+        raise runfolder.Interrupted(state["step"])
 
 
 # -- sources ----------------------------------------------------------------------------------
@@ -160,28 +266,38 @@ def resolve(cfg: Config) -> Config:
     """Fill in what a hand-made config leaves to the source: a finetune run from --source-net
     is labelled with the method that made its mask (read from a bip checkpoint). Grids set
     prune.method themselves."""
-    if cfg.run.stage == "finetune" and cfg.run.source_net and Path(cfg.run.source_net).is_file():
-        meta = checkpoint.source_state(cfg.run.source_net)[1]
+    source = identity.source_file(cfg.run.source_net) if cfg.run.source_net else None
+    if cfg.run.stage == "finetune" and source is not None and source.is_file():
+        meta = checkpoint.source_state(source)[1]
         if meta.get("method") and meta["method"] != "dense":
             return cfg.replace(**{"prune.method": meta["method"]})
     return cfg
 
 
 def source_path(cfg: Config, root: Path) -> Path | None:
+    """The model file a prune / finetune starts from: --source-net (a file, or a finished run's
+    folder) or the parent run's published final.pt, never a checkpoint still being written."""
     if cfg.run.source_net:
         if cfg.run.stage == "pretrain":
             raise BipError("pretrain starts from scratch; --source-net is for prune and finetune")
         path = Path(cfg.run.source_net)
+        if path.is_dir():
+            return _published(path, f"--source-net {path}")
         if not path.is_file():
             raise BipError(f"--source-net file not found: {path}")
         return path
     parent = identity.parent_dir(cfg, root)
     if parent is None:
         return None
-    if not (parent / identity.RESULT).is_file():
-        raise BipError(f"parent run {cfg.run.parent} (seed {cfg.run.seed}) has not finished: "
-                       f"no {parent / identity.RESULT}")
-    return parent / identity.CHECKPOINT
+    return _published(parent, f"parent run {cfg.run.parent} (seed {cfg.run.seed})")
+
+
+def _published(run_dir: Path, what: str) -> Path:
+    found = runfolder.inspect(run_dir)
+    if found.state != "done":
+        raise BipError(f"{what} has not finished ({found.state}"
+                       + (f": {found.detail}" if found.detail else "") + f"; no published {identity.FINAL})")
+    return runfolder.model_file(run_dir, found.result)
 
 
 def load_source(cfg: Config, model: torch.nn.Module, path: Path) -> None:
@@ -279,10 +395,19 @@ def _sync_batchnorm_stats(model) -> None:
 
 
 def _checkpoint(cfg: Config, method, state: dict) -> dict:
+    """Everything an exact resume at this step boundary needs (weights_only-loadable)."""
     return {"format": checkpoint.FORMAT, "model": method.core.state_dict(),
             "method": method.state_dict(), "rng": checkpoint.rng_state(),
-            "epoch": state["epoch"], "step": state["step"], "best": state["best"],
-            "wall_time_s": state["wall_time_s"], "nonfinite_steps": state["nonfinite_steps"],
+            "epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"],
+            "totals": dict(state["totals"]), "epoch_time_s": state["epoch_time_s"],
+            "best": state["best"], "wall_time_s": state["wall_time_s"],
+            "nonfinite_steps": state["nonfinite_steps"],
+            "meta": _meta(cfg, method.num_classes)}
+
+
+def _final(cfg: Config, method) -> dict:
+    """final.pt: the trained model (weights, scores, masks, BN statistics) and what made it."""
+    return {"format": checkpoint.FINAL_FORMAT, "model": method.core.state_dict(),
             "meta": _meta(cfg, method.num_classes)}
 
 
@@ -299,8 +424,23 @@ def _method_label(cfg: Config) -> str:
     return "dense" if cfg.run.stage == "pretrain" else cfg.prune.method
 
 
-def _resume(path: Path, method, state: dict) -> dict:
+def _seed_checkpoint(cfg: Config) -> dict:
+    """The --resume checkpoint, checked before anything is written: it must be a bip
+    checkpoint of THIS run (same run id and seed) unless run.resume_foreign=true."""
+    path = Path(cfg.run.resume)
     ckpt = checkpoint.load(path, "resume checkpoint")
+    if ckpt.get("format") != checkpoint.FORMAT or not isinstance(ckpt.get("meta"), dict):
+        raise BipError(f"{path} is not a bip checkpoint (cannot resume from it)")
+    meta = ckpt["meta"]
+    mine = (identity.run_id(cfg), cfg.run.seed)
+    if (meta.get("run_id"), meta.get("seed")) != mine and not cfg.run.resume_foreign:
+        raise BipError(f"--resume {path} is a checkpoint of run {meta.get('run_id')} seed "
+                       f"{meta.get('seed')}, not of this run ({mine[0]} seed {mine[1]}); "
+                       "run.resume_foreign=true resumes it anyway")
+    return ckpt
+
+
+def _resume(ckpt: dict, path: Path, method) -> dict:
     if ckpt.get("format") != checkpoint.FORMAT:
         raise BipError(f"{path} is not a bip checkpoint (cannot resume from it)")
     lacking = [k for k in ("model", "method", "rng", "epoch", "step", "best", "wall_time_s") if k not in ckpt]
@@ -309,14 +449,17 @@ def _resume(path: Path, method, state: dict) -> dict:
     try:
         method.core.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
-    except (RuntimeError, KeyError, ValueError) as err:
+        state = {k: ckpt[k] for k in ("epoch", "step", "best", "wall_time_s")}
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise BipError(f"{path} does not match this run's model/method ({type(err).__name__})") from None
     try:
         checkpoint.set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise BipError(f"{path} holds an unusable RNG state ({type(err).__name__})") from None
-    return {**{k: ckpt[k] for k in ("epoch", "step", "best", "wall_time_s")},
-            "nonfinite_steps": int(ckpt.get("nonfinite_steps", 0))}
+    # Mid-epoch fields (checkpoints of epoch ends from before step checkpoints lack them).
+    state.update(step_in_epoch=ckpt.get("step_in_epoch", 0), totals=dict(ckpt.get("totals", {})),
+                 epoch_time_s=ckpt.get("epoch_time_s", 0.0), nonfinite_steps=int(ckpt.get("nonfinite_steps", 0)))
+    return state
 
 
 def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
@@ -351,20 +494,6 @@ def _mask_file(cfg: Config, model, sparsity: dict) -> dict:
 def _append_metrics(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def _trim_metrics(path: Path, epoch: int) -> None:
-    """On resume, drop metric lines of epochs the checkpoint does not cover."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["epoch"] <= epoch:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by a kill
-    checkpoint.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _mean(totals: dict, key: str) -> float | None:
@@ -418,7 +547,25 @@ def check_names(cfg: Config) -> None:
     check_root("run.result_dir", cfg.run.result_dir)
 
 
+def stop_on_signals(*signums: int) -> dict:
+    """Turn these signals into a stop request: checkpoint at the next step boundary, then stop.
+    Returns the previous handlers."""
+    def handler(num, _frame):
+        runfolder.request_stop(signal.Signals(num).name)
+    return {signum: signal.signal(signum, handler) for signum in signums}
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (scancel, Slurm preemption, kill) and USR2 (sbatch --signal): save, then exit.
+    previous = stop_on_signals(signal.SIGTERM, signal.SIGUSR2)
+    try:
+        return _main(argv)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cfg = config_from_argv(argv)
         check_names(cfg)
@@ -428,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     except BipError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except runfolder.Interrupted:
+        print(f"stopped ({runfolder.stop_reason()}); the same command resumes {run_dir}", file=sys.stderr)
+        return 128 + getattr(signal, runfolder.stop_reason() or "SIGTERM", signal.SIGTERM)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"test_acc {result['test_acc']:.2f}", file=sys.stderr)
         print(run_dir, flush=True)

@@ -4,14 +4,11 @@ Jobs never append to a shared file; this scan can be re-run at any time and give
 byte-identical CSV for the same folders. ``python launch/collect.py ROOT [--plots] [--out DIR]``;
 ``collect(root)`` is the library entry point (the launcher's ``--wait`` and the demo call it).
 
-Status of ``ROOT/<run id>/seed_<s>/``, first rule that applies:
-  corrupt  config.yaml missing, unparsable or incomplete, or result.json unparsable (a row
-           with the path, plus whatever result.json still gives; a warning on stderr)
-  done     result.json parses
-  failed   error.json exists
-  running  checkpoint.pt or metrics.jsonl exists (started, not finished: alive or killed)
-  blocked  config only, and the parent run (same seed) is failed or blocked
-  pending  config only
+``status`` is launch/state.py's, the same function ``grid.py --status`` and ``--wait`` use:
+the run folder (files + lease) and, when sacct is available, the Slurm state of the job that
+any grid manifest under ROOT records for the run. A corrupt run (damaged result.json,
+final.pt or config.yaml) gets a row with the path, whatever its files still give, and a
+warning on stderr.
 
 Columns: COLUMNS (the export ones from RUN/export.json, empty without it), then every config
 field as ``section.key`` (schema order, unknown ones after).
@@ -26,29 +23,29 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 if __package__ in (None, ""):  # run as `python launch/collect.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bip.atomic import write_bytes as write_atomic  # noqa: E402
 from bip.config import SECTIONS, OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
-from bip.identity import CHECKPOINT, CONFIG, ERROR, METRICS, RESULT  # noqa: E402
+from bip.identity import METRICS  # noqa: E402
+from bip.runfolder import inspect  # noqa: E402
 from launch import plots as plotting  # noqa: E402
+from launch import state as run_state  # noqa: E402
 
 INDEX, SUMMARY = "index.csv", "summary.md"
 # From RUN/export.json (python -m bip.export, or a grid's export stage), when there is one.
 EXPORT, EXPORT_COLUMNS = "export.json", (
     "params_thin", "macs_thin", "latency_ms", "latency_ms_dense", "speedup", "latency_batch",
     "latency_device")
-STATUSES = ("done", "running", "failed", "blocked", "pending", "corrupt")
+STATUSES = run_state.STATES
 COLUMNS = (
     "status", "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
     *EXPORT_COLUMNS, "epochs", "wall_time_s", "device", "world_size", "git_sha", "git_dirty",
-    "slurm_job_id", "host", "started", "error", "path",
+    "slurm_job_id", "host", "started", "code_changed", "error", "path",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
 _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
@@ -82,7 +79,7 @@ def _collect(root: Path, plots: bool, out: Path | None) -> tuple[Path, list[dict
     return index, rows
 
 
-def scan(root: Path) -> list[dict]:
+def scan(root: Path, slurm: bool = True) -> list[dict]:
     """One row per run folder under ``root``, sorted deterministically."""
     if not Path(root).is_dir():
         raise BipError(f"{root} is not a directory")
@@ -90,8 +87,9 @@ def scan(root: Path) -> list[dict]:
         folders = run_folders(root)
     except OSError as err:
         raise BipError(f"cannot list {root}: {err.strerror}") from None
-    rows = [read_run(root, rel) for rel in folders]
-    _mark_blocked(rows)
+    found = {rel: inspect(os.path.join(root, rel)) for rel in folders}
+    rows = [read_run(root, rel, found[rel]) for rel in folders]
+    _set_status(root, rows, found, slurm)
     rows.sort(key=_sort_key)
     return rows
 
@@ -112,88 +110,64 @@ def run_folders(root: Path) -> list[str]:
     return found
 
 
-def read_run(root: Path, rel: str) -> dict:
-    """The row of one run folder (``rel`` is relative to ``root``); never raises on bad files."""
-    folder = os.path.join(root, rel)
+def read_run(root: Path, rel: str, found) -> dict:
+    """The columns of one run folder (``rel`` is relative to the root) from its inspection."""
     run_id, seed_name = rel.split("/")
     row: dict = {"run_id": run_id, "seed": _int(seed_name[len("seed_"):]), "path": rel}
-    try:
-        names = set(os.listdir(folder))
-        doc, config_problem = _read_config(folder, names)
-        result, result_problem = _read_result(folder, names)
-    except OSError as err:  # the folder vanished or is unreadable mid-scan
-        names, doc, result = set(), None, None
-        config_problem, result_problem = f"unreadable ({type(err).__name__})", None
-    if doc is not None:
-        row.update(_config_fields(doc))
+    if found.config is not None:
+        row.update(_config_fields(found.config))
+        row["code_changed"] = bool(found.config.get("code_changed"))
+    result = found.result
     if result is not None:
         row.update({key: result.get(key) for key in _FROM_RESULT if key in result})
         sparsity = result.get("sparsity")  # null for dense runs
         row["kept_fraction"] = sparsity.get("kept_fraction") if isinstance(sparsity, dict) else None
-    if EXPORT in names:
-        row.update(_export_fields(folder))
+        row.update(_export_fields(os.path.join(root, rel)))
+    elif found.state == "started":
+        row["epochs"] = _last_epoch(os.path.join(root, rel))
     row["run_id"] = row.get("run_id") or run_id  # the folder name is the id when files lack it
-    problem = "; ".join(p for p in (config_problem, result_problem) if p)
-    if problem:
-        row.update(status="corrupt", error=problem)
-        print(f"warning: {rel}: {problem}; marked corrupt", file=sys.stderr)
-    elif result is not None:
-        row["status"] = "done"
-    elif ERROR in names:
-        row.update(status="failed", error=_error_message(folder))
-    elif CHECKPOINT in names or METRICS in names:
-        row.update(status="running", epochs=_last_epoch(folder))
-    else:
-        row["status"] = "pending"
     return row
 
 
-def _read_config(folder: str, names: set[str]) -> tuple[dict | None, str | None]:
-    if CONFIG not in names:
-        return None, f"{CONFIG} is missing"
-    data = _read(folder, CONFIG)
-    # bip writes config.yaml as JSON (valid YAML) ending in a newline: a missing newline means
-    # a cut-short write; a file edited by hand as YAML still reads, only slower.
-    if not data.endswith(b"\n"):
-        return None, f"{CONFIG} is truncated"
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        try:
-            doc = yaml.safe_load(data)
-        except yaml.YAMLError:
-            return None, f"{CONFIG} is not valid YAML"
-    if not (isinstance(doc, dict) and all(key in doc for key in _CONFIG_KEYS)
-            and isinstance(doc["config"], dict)
-            and all(isinstance(section, dict) for section in doc["config"].values())):
-        return None, f"{CONFIG} is incomplete"
-    return doc, None
+def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
+    """status (and error) of every row: launch.state.combine over folder, lease, Slurm, parent."""
+    jobs = run_state.all_jobs(root)
+    wanted = [jobs[rel]["job_id"] for rel, f in found.items() if f.state != "done" and rel in jobs]
+    sacct = run_state.job_states(wanted) if slurm and wanted else {}
+    by_path = {row["path"]: row for row in rows}
+    decided: dict[str, str] = {}
 
+    def decide(rel: str, seen: frozenset) -> str:
+        if rel in decided:
+            return decided[rel]
+        row = by_path[rel]
+        parent_rel = f"{row.get('parent_id')}/{rel.split('/')[1]}" if row.get("parent_id") else None
+        parent = "done"
+        if parent_rel in by_path and parent_rel not in seen:
+            parent = decide(parent_rel, seen | {rel})
+        job = jobs.get(rel, {}).get("job_id")
+        status, detail = run_state.combine(found[rel], sacct.get(job, "") if job else "", parent, job)
+        row["status"] = status
+        if status in ("failed", "corrupt", "blocked"):
+            row["error"] = detail
+        if status == "corrupt":
+            print(f"warning: {rel}: {detail}; marked corrupt", file=sys.stderr)
+        decided[rel] = status
+        return status
 
-def _read_result(folder: str, names: set[str]) -> tuple[dict | None, str | None]:
-    if RESULT not in names:
-        return None, None
-    try:
-        result = json.loads(_read(folder, RESULT))
-    except ValueError:
-        return None, f"{RESULT} is not valid JSON"
-    return (result, None) if isinstance(result, dict) else (None, f"{RESULT} is not a JSON object")
+    for rel in by_path:
+        decide(rel, frozenset())
 
 
 def _export_fields(folder: str) -> dict:
     """The export columns; an unreadable export.json leaves them empty (the run is still done)."""
     try:
-        doc = json.loads(_read(folder, EXPORT))
+        doc = json.loads(Path(folder, EXPORT).read_bytes())
         fields = {"params_thin": (doc.get("params") or {}).get("thin"),
                   "macs_thin": (doc.get("macs") or {}).get("thin")}
     except (OSError, ValueError, AttributeError):
         return {}
     return {**fields, **{key: doc.get(key) for key in EXPORT_COLUMNS[2:]}}
-
-
-def _read(folder: str, name: str) -> bytes:
-    with open(os.path.join(folder, name), "rb") as f:
-        return f.read()
 
 
 def _config_fields(doc: dict) -> dict:
@@ -216,17 +190,11 @@ def _config_fields(doc: dict) -> dict:
     return fields
 
 
-def _error_message(folder: str) -> str:
-    try:
-        return str(json.loads(_read(folder, ERROR)).get("error", ""))
-    except (OSError, ValueError, AttributeError):
-        return f"{ERROR} is unreadable"
-
-
 def _last_epoch(folder: str) -> int | None:
     """The last finished epoch in metrics.jsonl; a line cut short by a kill is skipped."""
     try:
-        lines = _read(folder, METRICS).splitlines()
+        with open(os.path.join(folder, METRICS), "rb") as f:
+            lines = f.read().splitlines()
     except OSError:
         return None
     for line in reversed(lines):
@@ -235,23 +203,6 @@ def _last_epoch(folder: str) -> int | None:
         except (ValueError, KeyError, TypeError):
             continue
     return None
-
-
-def _mark_blocked(rows: list[dict]) -> None:
-    """A pending run whose parent (same seed, transitively) failed or is blocked is blocked."""
-    by_path = {row["path"]: row for row in rows}
-
-    def blocked(row: dict, seen: set[str]) -> bool:
-        parent = by_path.get(f"{row.get('parent_id')}/{row['path'].split('/')[1]}")
-        if parent is None or parent["path"] in seen:
-            return False
-        if parent["status"] in ("failed", "blocked"):
-            return True
-        return parent["status"] == "pending" and blocked(parent, seen | {parent["path"]})
-
-    for row in rows:
-        if row["status"] == "pending" and row.get("parent_id") and blocked(row, {row["path"]}):
-            row["status"] = "blocked"
 
 
 def _sort_key(row: dict) -> tuple:

@@ -24,7 +24,7 @@ from bip import catalogue  # noqa: E402
 from bip.config import OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
 from bip.names import check_root  # noqa: E402
-from launch import profiles, state, submit, sweep  # noqa: E402
+from launch import profiles, snapshot, state, submit, sweep  # noqa: E402
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,8 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-failed", action="store_true", help="resubmit failed runs (and what they block)")
     p.add_argument("--wait", action="store_true", help="block until the submitted jobs end")
     p.add_argument("--hold", action="store_true", help="submit held (release: scontrol release ID)")
-    p.add_argument("--jobs", type=int, default=1, help="--local: runs at a time (default 1)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="--local: runs at a time (default: CPUs / the profile's cpus_per_task)")
     return p
 
 
@@ -63,65 +64,90 @@ def run(args: argparse.Namespace) -> int:
     if not args.status:
         check_names(plan)  # a dry run validates every cell as a submission would
     manifest = state.read_manifest(plan)
-    states = state.run_states(plan, manifest, slurm=shutil.which("sacct") is not None)
+    # Jobs of EVERY grid under the root: a run another grid queued is live for this one too.
+    jobs = state.all_jobs(plan.root)
+    states = state.run_states(plan, slurm=shutil.which("sacct") is not None, jobs=jobs)
     if args.status:
         print_status(plan, states)
         return 0
     check_root("root", plan.root)  # writable: every run folder goes under it
     runs, stale = state.select(plan, states, args.only_failed)
-    print_plan(plan, states, runs, resources, executor)
+    live = {key: jobs[key]["job_id"] for key, (s, _) in states.items() if s in state.LIVE and key in jobs}
+    runs, held = hold_back(plan, runs, states, live)
+    print_plan(plan, states, runs, resources, executor, live)
+    for run_, parent in held[:5]:
+        print(f"held back {run_.key}: its parent {parent} runs outside Slurm ({states[parent][1]}); "
+              "submit again once it is done")
     if args.dry_run:
         print("dry run: nothing submitted")
         return 0
-    # Jobs of this grid still queued or running (earlier submissions): children wait for them,
-    # and --wait waits for them too.
-    live = {key: manifest["cells"][key]["job_id"] for key, (s, _) in states.items()
-            if s in ("running", "pending") and manifest["cells"].get(key, {}).get("job_id")}
     if not runs:
         print("nothing to submit" + (f"; {len(live)} run(s) still queued or running" if live else ""))
         if args.wait and live:
             submit.wait_slurm(sorted(set(live.values())))
-        return finish(plan, state.read_manifest(plan), wait=args.wait or executor != "slurm")
+        return finish(plan, wait=args.wait or executor != "slurm")
     if executor == "slurm" and shutil.which("sbatch") is None:
         raise BipError("sbatch not found: this is not a Slurm login node (use --local or --debug)")
     for run_ in stale:
         moved = state.supersede(plan.dir(run_))
         print(f"redo {run_.key}: its parent is redone; old outputs moved to {moved}")
-    submission = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor,
-                  "profile": args.profile or plan.profile, "runs": len(runs), "only_failed": args.only_failed}
+    code = snapshot.take(plan.root) if executor != "debug" else {"id": None, **snapshot.git_state()}
+    submission = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "at": time.time(), "executor": executor,
+                  "profile": args.profile or plan.profile, "runs": len(runs), "only_failed": args.only_failed,
+                  "code": {k: code.get(k) for k in ("id", "git_sha", "git_dirty", "path")}}
     state.write_configs(plan, runs, submission)
-    submit.repo_on_pythonpath(os.environ)
     if executor == "slurm":
-        return submit_to_slurm(plan, manifest, runs, resources, submission, live, args)
+        return submit_to_slurm(plan, manifest, runs, resources, submission, live, code, args)
     state.record(plan, manifest, submission, {run_.key: None for run_ in runs})
     if executor == "local":
-        submit.run_local(plan, runs, resources, max(1, args.jobs))
+        workers, threads = submit.local_jobs(resources)
+        submit.run_local(plan, runs, resources, args.jobs or workers, threads, code)
     else:
         submit.run_debug(plan, runs)
-    return finish(plan, state.read_manifest(plan), wait=True)
+    return finish(plan, wait=True)
 
 
-def submit_to_slurm(plan, manifest, runs, resources, submission, live, args) -> int:
-    job_ids, arrays, error = submit.submit_slurm(plan, runs, resources, live, hold=args.hold)
+def hold_back(plan, runs, states, live) -> tuple[list, list]:
+    """Runs whose parent is live without a Slurm job (a hand-started or --local trainer holds
+    its lease) cannot depend on it: they are left for the next submission."""
+    held: dict[str, str] = {}  # run key -> the live parent it waits for
+    for run in runs:  # stage order: parents first
+        if run.parent in held:
+            held[run.key] = held[run.parent]
+        elif run.parent and states[run.parent][0] in state.LIVE and run.parent not in live:
+            held[run.key] = run.parent
+    return [r for r in runs if r.key not in held], [(r, held[r.key]) for r in runs if r.key in held]
+
+
+def submit_to_slurm(plan, manifest, runs, resources, submission, live, code, args) -> int:
+    saved = dict(os.environ)
+    # Jobs import the code snapshot (and sbatch exports this environment to them).
+    os.environ.update(snapshot.job_environment(os.environ, code["path"]))
+    try:
+        job_ids, arrays, error = submit.submit_slurm(plan, runs, resources, live, hold=args.hold, code=code)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     submission["arrays"] = arrays
     path = state.record(plan, manifest, submission, job_ids)
     for array in arrays:
         after = f", {array['dependency']}" if array["dependency"] else ""
         print(f"submitted {array['stage']}: job {array['job_id']} ({array['tasks']} run(s){after})")
-    print(f"manifest: {path}")
+    print(f"{len(arrays)} sbatch call(s); code {code['id']} (git {str(code.get('git_sha'))[:10]}"
+          f"{', dirty' if code.get('git_dirty') else ''}); manifest: {path}")
     if error:
         raise BipError(error)
     if not args.wait:
         return 0
     submit.wait_slurm(sorted(set(job_ids.values()) | set(live.values())))
-    return finish(plan, state.read_manifest(plan), wait=True)
+    return finish(plan, wait=True)
 
 
-def finish(plan: sweep.Plan, manifest: dict, wait: bool) -> int:
+def finish(plan: sweep.Plan, wait: bool) -> int:
     """After the runs ended: status summary, results index, exit status."""
     if not wait:
         return 0
-    states = state.run_states(plan, manifest, slurm=shutil.which("sacct") is not None)
+    states = state.run_states(plan, slurm=shutil.which("sacct") is not None)
     print_status(plan, states)
     try:
         from launch.collect import collect
@@ -129,7 +155,7 @@ def finish(plan: sweep.Plan, manifest: dict, wait: bool) -> int:
         collect = None
     if collect is not None:
         print(f"index: {collect(plan.root)}")
-    bad = [key for key, (s, _) in states.items() if s in ("failed", "blocked")]
+    bad = [key for key, (s, _) in states.items() if s in ("failed", "blocked", "corrupt")]
     return 1 if bad else 0
 
 
@@ -156,7 +182,7 @@ def check_names(plan: sweep.Plan) -> None:
             raise BipError(f"grid {plan.name}: {err}") from None
 
 
-def print_plan(plan, states, runs, resources, executor) -> None:
+def print_plan(plan, states, runs, resources, executor, live) -> None:
     chosen = {run.key for run in runs}
     print(f"grid {plan.name} ({plan.path}): {plan.cells} cells, {len(plan.all_runs())} runs "
           f"under {plan.root}, executor {executor}")
@@ -166,6 +192,10 @@ def print_plan(plan, states, runs, resources, executor) -> None:
         print(f"{stage:9s} {len(stage_runs):6d} {got.count('done'):6d} "
               f"{got.count('running') + got.count('pending'):6d} {got.count('failed'):6d} "
               f"{sum(run.key in chosen for run in stage_runs):6d}  {profiles.describe(resources[stage])}")
+    if executor == "slurm" and runs:
+        calls = submit.sbatch_calls(submit.plan_arrays(plan, runs, live), submit.max_array_size())
+        print(f"sbatch calls: {sum(calls.values())} (" + ", ".join(f"{k} {v}" for k, v in calls.items())
+              + f"; one array per parent up to {submit.MAX_ARRAYS} per stage, see launch/submit.py)")
 
 
 def print_status(plan: sweep.Plan, states: dict, limit: int = 20) -> None:
@@ -174,7 +204,7 @@ def print_status(plan: sweep.Plan, states: dict, limit: int = 20) -> None:
     for stage, stage_runs in plan.runs.items():
         got = [states[run.key][0] for run in stage_runs]
         print(f"{stage:9s} " + " ".join(f"{got.count(s):7d}" for s in state.STATES))
-    for kind in ("failed", "blocked"):
+    for kind in ("failed", "corrupt", "blocked"):
         rows = [run for run in plan.all_runs() if states[run.key][0] == kind]
         if rows:
             print(f"{kind}:")
@@ -182,6 +212,11 @@ def print_status(plan: sweep.Plan, states: dict, limit: int = 20) -> None:
             print(f"  {run.key}  [{run.label}]  {states[run.key][1]}")
         if len(rows) > limit:
             print(f"  ... and {len(rows) - limit} more")
+    changed = state.code_changes(plan)
+    if changed:
+        print("resumed under other code than they started with:")
+    for key, shas in changed[:limit]:
+        print(f"  {key}  {' -> '.join(shas)}")
 
 
 if __name__ == "__main__":

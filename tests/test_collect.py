@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,15 +31,32 @@ def config(stage: str = "pretrain", method: str = "hydra", k: float = 1.0, seed:
                                "run.parent": parent, **extra})
 
 
+def write_model_file(path: Path) -> int:
+    """A file shaped like torch.save's (a zip holding a pickle); returns its size."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    return path.stat().st_size
+
+
+def write_lease(folder: Path, pid: int = os.getppid(), age_s: float = 0.0) -> None:
+    """owner.json of a live trainer (default: this process's parent, alive, another process)."""
+    owner = {"host": socket.gethostname(), "pid": pid, "slurm_job_id": None, "started": "now",
+             "heartbeat": time.time() - age_s, "stale_s": 600, "token": "test"}
+    (folder / identity.OWNER).write_text(json.dumps(owner))
+
+
 def write_run(root: Path, cfg: Config, status: str = "done", test_acc: float = 90.0) -> Path:
-    """A run folder as the trainer leaves it in ``status`` (the launcher's config for pending)."""
+    """A run folder as the trainer leaves it in ``status`` (the launcher's config for waiting;
+    running: a live lease; started: a checkpoint and no lease)."""
     folder = identity.run_dir(cfg, root)
     folder.mkdir(parents=True)
-    provenance = {} if status == "pending" else {"git_sha": "abc123", "git_dirty": False,
+    provenance = {} if status == "waiting" else {"git_sha": "abc123", "git_dirty": False,
                                                  "device": "cpu", "slurm_job_id": "77_3"}
     (folder / identity.CONFIG).write_text(identity.config_yaml(cfg, provenance))
-    if status == "pending":
+    if status == "waiting":
         return folder
+    if status == "running":
+        write_lease(folder)
     metrics = [{"epoch": e, "test_acc": test_acc, "val_acc": test_acc} for e in (1, 2)]
     (folder / identity.METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics) + '{"epo')
     (folder / identity.CHECKPOINT).write_bytes(b"")
@@ -53,6 +74,7 @@ def write_run(root: Path, cfg: Config, status: str = "done", test_acc: float = 9
             "sparsity": None if dense else {"kept_fraction": cfg.prune.k + 0.001},
             "params_dense": 100, "params_effective": 100 if dense else 10, "macs_dense": 1000,
             "macs_effective": 1000 if dense else 100, "wall_time_s": 1.5, "device": "cpu", "world_size": 1,
+            "final": {"file": identity.FINAL, "bytes": write_model_file(folder / identity.FINAL)},
         }
         (folder / identity.RESULT).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return folder
@@ -67,11 +89,15 @@ def root(tmp_path: Path) -> Path:
     write_run(root, config(stage="pretrain", seed=2), status="failed")
     prune = config("prune", "hydra", 0.1, parent=identity.run_id(dense))
     write_run(root, prune, status="running")
-    write_run(root, config("prune", "bip", 0.1, parent=identity.run_id(dense)), status="pending")
+    write_run(root, config("prune", "bip", 0.1, parent=identity.run_id(dense)), status="waiting")
+    killed = write_run(root, config("prune", "hydra", 0.3, parent=identity.run_id(dense)), status="running")
+    write_lease(killed, pid=_dead_pid())  # its trainer was killed: a lease nobody renews
     # seed 2's pretrain failed: its prune is blocked, and so is the finetune after that prune
     blocked = config("prune", "omp", 0.5, seed=2, parent=identity.run_id(config(seed=2)))
-    write_run(root, blocked, status="pending")
-    write_run(root, config("finetune", "omp", 0.5, seed=2, parent=identity.run_id(blocked)), "pending")
+    write_run(root, blocked, status="waiting")
+    write_run(root, config("finetune", "omp", 0.5, seed=2, parent=identity.run_id(blocked)), "waiting")
+    damaged = write_run(root, config("prune", "omp", 0.7, parent=identity.run_id(dense)))
+    (damaged / identity.FINAL).write_bytes(b"")  # emptied: result.json alone is not done
     cut = write_run(root, config("prune", "omp", 0.2, parent=identity.run_id(dense)))
     (cut / identity.RESULT).write_text((cut / identity.RESULT).read_text()[:40])
     cut = write_run(root, config("prune", "random", 0.2, parent=identity.run_id(dense)), test_acc=55.0)
@@ -80,6 +106,12 @@ def root(tmp_path: Path) -> Path:
     (root / "plots").mkdir()
     (root / "stray-folder" / "not_a_seed").mkdir(parents=True)
     return root
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def read_index(path: Path) -> dict[str, dict]:
@@ -100,12 +132,13 @@ def test_statuses_and_columns(root: Path, capsys):
     assert statuses[run_key(dense)] == "done"
     assert statuses[run_key(config(seed=2))] == "failed"
     assert statuses[run_key(config("prune", "hydra", 0.1, parent=identity.run_id(dense)))] == "running"
-    assert statuses[run_key(bip_cfg)] == "pending"
+    assert statuses[run_key(config("prune", "hydra", 0.3, parent=identity.run_id(dense)))] == "started"
+    assert statuses[run_key(bip_cfg)] == "waiting"
     assert statuses[run_key(omp_blocked)] == "blocked"
     assert statuses[run_key(config("finetune", "omp", 0.5, seed=2,
                                    parent=identity.run_id(omp_blocked)))] == "blocked"
-    assert sorted(statuses.values()).count("corrupt") == 2
-    assert len(rows) == 8  # _slurm, plots and a folder without seed_* are not runs
+    assert sorted(statuses.values()).count("corrupt") == 3
+    assert len(rows) == 10  # _slurm, plots and a folder without seed_* are not runs
 
     done = rows[run_key(dense)]
     identity_columns = (done["method"], done["stage"], done["layer_type"], done["k"])
@@ -122,7 +155,8 @@ def test_statuses_and_columns(root: Path, capsys):
 
     corrupt = {row["path"]: row for row in rows.values() if row["status"] == "corrupt"}
     messages = sorted(row["error"] for row in corrupt.values())
-    assert messages == ["config.yaml is truncated", "result.json is not valid JSON"]
+    assert messages == ["config.yaml is truncated", "final.pt is missing or damaged",
+                        "result.json is not valid JSON"]
     # A cut config.yaml keeps what result.json says; the row still has its path.
     assert [row["test_acc"] for row in corrupt.values() if "config" in row["error"]] == ["55.0"]
     err = capsys.readouterr().err
@@ -140,9 +174,9 @@ def test_rerun_gives_identical_csv(root: Path):
 def test_pandas_reads_the_index(root: Path):
     pd = pytest.importorskip("pandas")
     frame = pd.read_csv(collect.collect(root))
-    assert len(frame) == 8
+    assert len(frame) == 10
     assert frame["test_acc"].dtype.kind == "f" and frame["prune.k"].dtype.kind == "f"
-    assert set(frame["status"]) == {"done", "running", "failed", "pending", "blocked", "corrupt"}
+    assert set(frame["status"]) == {"done", "running", "started", "failed", "waiting", "blocked", "corrupt"}
 
 
 def accuracy_grid(root: Path) -> None:
@@ -207,7 +241,7 @@ def test_runs_as_a_script(root: Path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(root / "index.csv")
-    assert "8 runs: 1 done, 1 running, 1 failed, 2 blocked, 1 pending, 2 corrupt" in done.stderr
+    assert "10 runs: 1 done, 1 running, 1 failed, 3 corrupt, 2 blocked, 1 started, 1 waiting" in done.stderr
 
 
 def test_config_files_read_as_yaml_and_json(tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -11,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bip import identity
-from launch import grid, profiles, state, sweep
+from bip import identity, runfolder
+from launch import grid, profiles, snapshot, state, submit, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # A run of this size takes well under a second in-process once torch is imported.
@@ -35,6 +38,18 @@ def write_grid(folder: Path, name: str = "g", **doc) -> Path:
 
 def cli(*args) -> int:
     return grid.main([str(a) for a in args])
+
+
+def status_rows(out: str) -> dict[str, dict[str, int]]:
+    """--status's table as {stage: {state: count}}."""
+    lines = out.splitlines()
+    header = lines[1].split()[1:]
+    return {line.split()[0]: dict(zip(header, map(int, line.split()[1:])))
+            for line in lines[2:] if line.split() and line.split()[0] in state_stages()}
+
+
+def state_stages():
+    return ("pretrain", "prune", "finetune")
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -149,27 +164,80 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_dry_run_of_1000_cells_is_fast(tmp_path):
-    path = write_grid(tmp_path, axes={"seed": [1, 2, 3, 4, 5], "method": ["bip", "hydra"],
-                                      "k": [round(0.9 ** i, 5) for i in range(1, 26)],
-                                      "train.epochs": [1, 2, 3, 4]})
+BIG_AXES = {"seed": [1, 2, 3, 4, 5], "method": ["bip", "hydra"],
+            "k": [round(0.9 ** i, 5) for i in range(1, 26)], "train.epochs": [1, 2, 3, 4]}
+
+
+def test_dry_run_of_1000_cells_is_fast_and_prints_its_sbatch_calls(tmp_path):
+    path = write_grid(tmp_path, axes=BIG_AXES)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, REPO / "launch" / "grid.py", path, "--root", tmp_path / "runs",
                           "--dry-run"], capture_output=True, text=True, check=True).stdout
     assert time.perf_counter() - t0 < 10
     assert "1000 cells, 1505 runs" in out and not (tmp_path / "runs").exists()
+    assert "sbatch calls: 11 (pretrain 1, prune 5, finetune 5;" in out
 
 
-def test_states_combine_folders_and_slurm():
-    combine = state._combine
-    d = Path("/nonexistent")
-    assert combine("done", "FAILED", "done", "1_0", d)[0] == "done"
-    assert combine("failed", "PENDING", "done", "1_0", d)[0] == "pending"      # resubmitted
-    assert combine("started", "RUNNING", "done", "1_0", d)[0] == "running"
-    assert combine("waiting", "FAILED", "failed", "1_0", d)[0] == "blocked"
-    assert combine("started", "TIMEOUT", "done", "1_0", d)[0] == "failed"      # killed, no error.json
-    assert combine("started", "COMPLETED", "done", "1_0", d)[0] == "started"   # result.json deleted
-    assert combine("waiting", "", "done", None, d)[0] == "waiting"
+def test_each_task_waits_for_its_own_parent_in_a_bounded_number_of_arrays(tmp_path):
+    plan = sweep.load_grid(write_grid(tmp_path, axes=BIG_AXES), tmp_path)
+    pretrains = [run.key for run in plan.runs["pretrain"]]
+    specs = submit.plan_arrays(plan, plan.all_runs(), {})
+    assert [(s.stage, len(s.runs)) for s in specs][:6] == [("pretrain", 5)] + [("prune", 200)] * 5
+    for spec in specs[1:6]:  # one array per pretrain: its prunes wait for that task only
+        (kind, parent), = spec.after
+        assert kind == "run" and {run.parent for run in spec.runs} == {parent} and parent in pretrains
+    # 500 finetunes have 500 distinct parents (> 64): one array per parent ARRAY (one pretrain's prunes)
+    finetunes = specs[6:]
+    assert len(finetunes) == 5 and all(s.after == {("array", i + 1)} for i, s in enumerate(finetunes))
+    for i, spec in enumerate(finetunes):
+        assert {run.parent for run in spec.runs} <= {r.key for r in specs[i + 1].runs}
+    assert submit.sbatch_calls(specs, 1001) == {"pretrain": 1, "prune": 5, "finetune": 5}
+    assert submit.sbatch_calls(specs, 100) == {"pretrain": 1, "prune": 10, "finetune": 5}  # MaxArraySize
+    # Past the cap twice over: consecutive groups merge, each waiting for the union.
+    few = submit.plan_arrays(plan, plan.all_runs(), {}, limit=2)
+    assert [s.stage for s in few] == ["pretrain", "prune", "finetune"]
+    assert all(len([s for s in few if s.stage == st]) <= 2 for st in ("prune", "finetune"))
+    # A parent that another submission (any grid) queued: its children wait for that job's task.
+    prunes = [run for run in plan.all_runs() if run.stage != "pretrain"]
+    known = {pretrains[0]: "77_3", **{p: f"78_{i}" for i, p in enumerate(pretrains[1:])}}
+    specs = submit.plan_arrays(plan, prunes, known)
+    assert specs[0].after == {("run", pretrains[0])} and {r.parent for r in specs[0].runs} == {pretrains[0]}
+
+
+def _found(state: str, owner: dict | None = None, detail: str = "") -> runfolder.Inspection:
+    return runfolder.Inspection(state, detail, frozenset(), None, None, owner)
+
+
+def test_states_combine_folders_leases_and_slurm():
+    combine = state.combine
+    live = {"host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time(), "stale_s": 600}
+    dead = {**live, "pid": _dead_pid()}
+    assert combine(_found("done"), "FAILED", "done", "1_0")[0] == "done"
+    assert combine(_found("failed"), "PENDING", "done", "1_0")[0] == "pending"      # resubmitted
+    assert combine(_found("started"), "RUNNING", "done", "1_0")[0] == "running"
+    assert combine(_found("started", live))[0] == "running"                       # lease, no Slurm
+    assert combine(_found("started", dead))[0] == "started"                       # killed
+    assert combine(_found("started", {**live, "heartbeat": time.time() - 700}))[0] == "started"
+    assert combine(_found("corrupt", live))[0] == "running"                       # being repaired
+    assert combine(_found("corrupt"), "COMPLETED", "done", "1_0")[0] == "corrupt"
+    assert combine(_found("waiting"), "FAILED", "failed", "1_0")[0] == "blocked"
+    assert combine(_found("waiting"), "", "corrupt", None)[0] == "blocked"
+    assert combine(_found("started"), "TIMEOUT", "done", "1_0")[0] == "failed"     # killed, no error.json
+    # Preempted and not requeued (clusters with PreemptMode=CANCEL): over, resubmittable.
+    assert combine(_found("started"), "PREEMPTED", "done", "1_0")[0] == "failed"
+    assert combine(_found("started"), "COMPLETED", "done", "1_0")[0] == "started"  # result.json deleted
+    assert combine(_found("waiting"), "", "done", None)[0] == "waiting"
+
+
+def test_sacct_array_ids_expand():
+    assert state.expand_job_id("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert state.expand_job_id("12_3") == ["12_3"] and state.expand_job_id("7") == ["7"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 # -- whole grids -----------------------------------------------------------------------------
@@ -183,6 +251,15 @@ def test_debug_runs_the_dag_skips_done_runs_and_redoes_what_depends_on_a_deleted
     capsys.readouterr()
     assert cli(path, "--root", root, "--debug") == 0
     assert "nothing to submit" in capsys.readouterr().out
+    # A run resumed under other code than it started with is listed by --status.
+    pretrain = plan.dir(plan.runs["pretrain"][0])
+    doc = json.loads((pretrain / identity.CONFIG).read_text())
+    doc["history"] = [{**doc["history"][0], "git_sha": "aaaaaaaaaaaa"}, doc["history"][0]]
+    doc["code_changed"] = True
+    (pretrain / identity.CONFIG).write_text(json.dumps(doc) + "\n")
+    assert cli(path, "--root", root, "--status") == 0
+    out = capsys.readouterr().out
+    assert "resumed under other code than they started with:" in out and "aaaaaaaaaa -> " in out
 
     prune = next(r for r in plan.runs["prune"] if r.cfg.prune.method == "hydra")
     child = next(r for r in plan.runs["finetune"] if r.parent == prune.key)
@@ -204,9 +281,9 @@ def test_a_failing_cell_is_failed_its_child_blocked_and_only_failed_retries_that
     assert cli(path, "--root", root, "--status") == 0
     out = capsys.readouterr().out
     assert "resume checkpoint" in out and "parent failed" in out
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
-    assert rows["prune"][:5] == ["1", "0", "0", "1", "0"]      # runs done running pending failed
-    assert rows["finetune"][:5] == ["1", "0", "0", "0", "1"]   # ... blocked
+    rows = status_rows(out)
+    assert (rows["prune"]["failed"], rows["prune"]["done"]) == (1, 1)
+    assert (rows["finetune"]["blocked"], rows["finetune"]["done"]) == (1, 1)
 
     fixed = write_grid(tmp_path, axes={"method": ["hydra"], "k": [0.5, 0.2]})
     assert cli(fixed, "--root", root, "--only-failed", "--debug") == 0
@@ -224,4 +301,47 @@ def test_local_executor_runs_the_dag_in_subprocesses(tmp_path):
     plan = sweep.load_grid(path, root)
     results = [json.loads((plan.dir(run) / identity.RESULT).read_text()) for run in plan.all_runs()]
     assert [r["stage"] for r in results] == ["pretrain", "prune", "prune"]
-    assert list((root / "_local").glob("*/*_result.pkl"))  # ran through submitit's LocalExecutor
+    logs = sorted(p.name for p in (root / "_local").glob("*/*.log"))  # one log per run, from the workers
+    assert len(logs) == 3 and "local: 2 run(s) at a time" in out.stdout
+
+
+def test_a_code_snapshot_is_taken_once_per_code_state_and_does_not_follow_the_checkout(tmp_path):
+    checkout = tmp_path / "checkout"
+    for name in ("bip", "launch"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    first = snapshot.take(tmp_path / "runs", repo=checkout)
+    assert snapshot.take(tmp_path / "runs", repo=checkout)["id"] == first["id"]  # same code, same copy
+    copied = Path(first["path"]) / "bip" / "train.py"
+    original = copied.read_bytes()
+    (checkout / "bip" / "train.py").write_text("raise RuntimeError('edited')\n")
+    second = snapshot.take(tmp_path / "runs", repo=checkout)
+    assert second["id"] != first["id"] and copied.read_bytes() == original
+    assert json.loads((Path(first["path"]) / "CODE.json").read_text())["id"] == first["id"]
+    env = snapshot.job_environment({"PYTHONPATH": f"{checkout}:/x"}, first["path"])
+    assert env["PYTHONPATH"].split(":")[0] == first["path"]
+    # A job started in the checkout imports the snapshot (-P keeps the working directory out).
+    out = subprocess.run([*snapshot.python_command(), "-c", "import bip.train; print(bip.train.__file__)"],
+                         cwd=checkout, env={**os.environ, **env}, capture_output=True, text=True)
+    assert out.stdout.strip() == str(copied), out.stderr[-2000:]
+
+
+def test_a_run_a_live_trainer_holds_is_not_submitted_and_its_children_are_held_back(tmp_path, capsys):
+    path, root = write_grid(tmp_path), tmp_path / "runs"
+    plan = sweep.load_grid(path, root)
+    pretrain = plan.dir(plan.runs["pretrain"][0])
+    pretrain.mkdir(parents=True)
+    owner = {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": None, "started": "t",
+             "heartbeat": time.time(), "stale_s": 600, "token": "other"}
+    (pretrain / identity.OWNER).write_text(json.dumps(owner))
+    assert cli(path, "--root", root, "--dry-run") == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
+    assert rows["pretrain"][3:6] == ["1", "0", "0"]  # live 1, failed 0, submit 0
+    assert rows["prune"][5] == "0" and "held back" in out and "runs outside Slurm" in out
+
+
+def test_a_lease_whose_slurm_job_ended_is_not_running(tmp_path):
+    live = {"host": "elsewhere", "pid": 1, "heartbeat": time.time(), "stale_s": 600, "slurm_job_id": "5_1"}
+    assert state.combine(_found("started", live), "RUNNING", "done", "5_1")[0] == "running"
+    assert state.combine(_found("started", live), "NODE_FAIL", "done", "5_1")[0] == "failed"
+    assert state.combine(_found("started", live), "", "done", None)[0] == "running"  # no accounting

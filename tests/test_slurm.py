@@ -1,14 +1,18 @@
-"""The launcher against the real local Slurm cluster (bash slurm/dev-cluster.sh up): the stage DAG
-as dependent arrays, skipping and redoing runs, preemption + requeue + resume, failures and
-blocked children, a 2-node DDP cell, and one sbatch per stage for 1,000 cells.
+"""The launcher against the real local Slurm cluster (bash slurm/dev-cluster.sh up): per-parent
+dependent arrays, skipping and redoing runs, two grids sharing a pretrain, requeue mid-epoch
+and preemptions (step-exact, bit-identical), an epoch longer than the time limit, code pinned
+at submission, one status after scancel, failures and blocked children, a 2-node DDP cell,
+and a bounded number of sbatch calls for 1,000 cells.
 
 Every test polls with a deadline (sacct lags squeue by seconds); runs are tiny (synthetic data,
-resnet20s, a few steps), so the file takes a few minutes on 2 busy cores.
+resnet20s, a few steps), so the file takes several minutes on 2 busy cores.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 import yaml
 
-from bip import identity
+from bip import identity, runfolder
 from launch import sweep
 
 pytestmark = pytest.mark.slurm
@@ -89,16 +94,18 @@ def test_grid_runs_as_dependent_arrays_then_skips_done_runs_and_redoes_a_deleted
     assert {run.parent for run in plan.runs["prune"]} == {pretrain}
 
     arrays = manifest(root, "dag")["submissions"][-1]["arrays"]
-    assert [(a["stage"], a["tasks"]) for a in arrays] == [("pretrain", 1), ("prune", 4), ("finetune", 4)]
-    ids = [a["job_id"] for a in arrays]
-    assert [a["dependency"] for a in arrays] == [None, f"afterany:{ids[0]}", f"afterany:{ids[1]}"]
-    sbatch_file = (root / "_slurm" / ids[1] / f"{ids[1]}_submission.sh").read_text()
-    assert f"#SBATCH --dependency=afterany:{ids[0]}" in sbatch_file and "#SBATCH --array=0-3" in sbatch_file
-    tasks = {stage: sacct(job_id) for stage, job_id in zip(("pretrain", "prune", "finetune"), ids)}
-    assert [len(tasks[s]) for s in tasks] == [1, 4, 4]
-    assert all(t["State"] == "COMPLETED" for rows in tasks.values() for t in rows)
-    assert min(t["Start"] for t in tasks["prune"]) >= tasks["pretrain"][0]["End"]
-    assert min(t["Start"] for t in tasks["finetune"]) >= max(t["End"] for t in tasks["prune"])
+    # One array per parent: the prunes of the pretrain, then each finetune after its own prune.
+    assert [(a["stage"], a["tasks"]) for a in arrays] == \
+        [("pretrain", 1), ("prune", 4)] + [("finetune", 1)] * 4
+    cells = manifest(root, "dag")["cells"]
+    assert arrays[1]["dependency"] == f"afterany:{cells[pretrain]['job_id']}"
+    for run in plan.runs["finetune"]:
+        array = next(a for a in arrays if a["job_id"] == cells[run.key]["job_id"].split("_")[0])
+        assert array["dependency"] == f"afterany:{cells[run.parent]['job_id']}"  # its own parent only
+        mine, parent = sacct(cells[run.key]["job_id"])[0], sacct(cells[run.parent]["job_id"])[0]
+        assert mine["State"] == "COMPLETED" and mine["Start"] >= parent["End"]
+    prunes = sacct(arrays[1]["job_id"])
+    assert len(prunes) == 4 and min(t["Start"] for t in prunes) >= sacct(arrays[0]["job_id"])[0]["End"]
 
     again = grid(path, root)
     assert again.returncode == 0 and "nothing to submit" in again.stdout
@@ -113,36 +120,181 @@ def test_grid_runs_as_dependent_arrays_then_skips_done_runs_and_redoes_a_deleted
     assert all((plan.dir(run) / identity.RESULT).is_file() for run in plan.all_runs())
 
 
-def test_a_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    body = {"set": {**TINY, "data.synthetic_size": 384, "epochs": 4, "train.steps_per_epoch": 0},
-            "stages": {"pretrain": {}, "prune": {"set": {"layer_type": "unstructured"}}},
-            "axes": {"seed": [11], "method": ["omp"], "k": [0.5]}}
-    path = write_grid(tmp_path, "preempt", **body)
-    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
-    for run_root in (interrupted, reference):
+def owner_pid(folder: Path) -> int | None:
+    owner = runfolder.read_owner(folder / identity.OWNER)
+    return owner.get("pid") if owner else None
+
+
+def assert_same_final(a: Path, b: Path) -> None:
+    sa, sb = (torch.load(d / identity.FINAL, weights_only=True)["model"] for d in (a, b))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def epochs_of(folder: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (folder / identity.METRICS).read_text().splitlines()]
+
+
+def no_time(folder: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (folder / identity.METRICS).read_text().splitlines()]
+
+
+def job_log(root: Path, job_id: str) -> str:
+    return (root / "_slurm" / job_id / f"{job_id}_0_log.err").read_text()
+
+
+def test_two_grids_sharing_a_pretrain_submit_it_once_and_train_every_cell_once(tmp_path):
+    root = tmp_path / "shared"
+    body = {"set": {**TINY, "data.synthetic_size": 1024, "epochs": 2, "train.steps_per_epoch": 0},
+            "stages": {"pretrain": {}, "prune": {"set": {"layer_type": "unstructured", "epochs": 1}}}}
+    first = write_grid(tmp_path, "share-a", axes={"method": ["hydra"], "k": [0.5], "seed": [5]}, **body)
+    second = write_grid(tmp_path, "share-b", axes={"method": ["hydra"], "k": [0.3], "seed": [5]}, **body)
+    assert grid(first, root).returncode == 0
+    out = grid(second, root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    pretrain = sweep.load_grid(first, root).runs["pretrain"][0]
+    owner = manifest(root, "share-a")["cells"][pretrain.key]["job_id"]
+    arrays = manifest(root, "share-b")["submissions"][-1]["arrays"]
+    assert [(a["stage"], a["tasks"], a["dependency"]) for a in arrays] == [("prune", 1, f"afterany:{owner}")]
+    for path in (first, second):
+        done = grid(path, root, "--wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert epochs_of(root / pretrain.key) == [1, 2]  # trained once, by one job
+    for path in (first, second):
+        prune = sweep.load_grid(path, root).runs["prune"][0]
+        assert epochs_of(root / prune.key) == [1]
+        assert runfolder.inspect(root / prune.key).state == "done"
+    history = json.loads((root / pretrain.key / identity.CONFIG).read_text())["history"]
+    assert [h["slurm_job_id"] for h in history] == [owner]
+
+
+def test_scontrol_requeue_mid_epoch_resumes_from_that_step_bit_identically(tmp_path):
+    body = {"set": {**TINY, "data.synthetic_size": 1536, "epochs": 2, "train.steps_per_epoch": 0},
+            "stages": {"pretrain": {}}, "axes": {"seed": [11]}}
+    path = write_grid(tmp_path, "requeue", **body)
+    interrupted, twin = tmp_path / "interrupted", tmp_path / "twin"
+    for run_root in (interrupted, twin):
         assert grid(path, run_root).returncode == 0
-    plan = sweep.load_grid(path, interrupted)
-    key = plan.runs["pretrain"][0].key
-    metrics = interrupted / key / identity.METRICS
-    poll(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 1, what="the first epoch")
-    job_id = manifest(interrupted, "preempt")["cells"][key]["job_id"]
-    submitit.SlurmJob(folder=interrupted / "_slurm" / "%j", job_id=job_id)._interrupt()  # SIGTERM, USR2
-    for run_root in (interrupted, reference):  # --wait also waits for jobs submitted earlier
+    key = sweep.load_grid(path, interrupted).runs["pretrain"][0].key
+    poll(lambda: (interrupted / key / identity.METRICS).is_file(), what="the first epoch")
+    time.sleep(1.0)  # into epoch 2
+    job_id = manifest(interrupted, "requeue")["cells"][key]["job_id"]
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    for run_root in (interrupted, twin):  # --wait also waits for jobs submitted earlier
         out = grid(path, run_root, "--wait")
         assert out.returncode == 0 and "nothing to submit" in out.stdout, out.stdout + out.stderr
-
     assert "REQUEUED" in {row["State"] for row in sacct(job_id, "-D")}
-    provenance = yaml.safe_load((interrupted / key / identity.CONFIG).read_text())["provenance"]
-    assert provenance["slurm_restart_count"] == 1
-    log = (interrupted / "_slurm" / job_id / f"{job_id}_0_log.err").read_text()
-    assert log.count("epoch 1/4 ") == 1 and log.count("epoch 4/4 ") == 1  # resumed, not restarted
-    fields = ("test_acc", "test_top5", "val_acc", "best_val_acc", "epochs")
-    for run in plan.all_runs():  # the prune waited through the requeue (afterany) and agrees too
-        results = [json.loads((r / run.key / identity.RESULT).read_text()) for r in (interrupted, reference)]
-        assert {f: results[0][f] for f in fields} == {f: results[1][f] for f in fields}
-    losses = [[json.loads(line)["train_loss"] for line in (r / key / identity.METRICS).open()]
-              for r in (interrupted, reference)]
-    assert losses[0] == losses[1] and len(losses[0]) == 4
+    log = job_log(interrupted, job_id)
+    steps = no_time(interrupted / key)[0]["step"]
+    resumed = re.search(r"resuming from checkpoint.pt: epoch 2, step (\d+) of the epoch", log)
+    assert "stop requested (SIGTERM)" in log and resumed and 0 < int(resumed.group(1)) < steps, log[-2000:]
+    assert_same_final(interrupted / key, twin / key)
+    assert no_time(interrupted / key) == no_time(twin / key)
+
+
+def test_three_preemptions_do_not_fail_a_run_with_max_requeues_1(tmp_path):
+    body = {"set": {**TINY, "data.synthetic_size": 1536, "epochs": 2, "train.steps_per_epoch": 0},
+            "stages": {"pretrain": {}}, "axes": {"seed": [12]}, "resources": {"max_requeues": 1}}
+    path = write_grid(tmp_path, "preempt", **body)
+    root = tmp_path / "runs"
+    assert grid(path, root).returncode == 0
+    key = sweep.load_grid(path, root).runs["pretrain"][0].key
+    job_id = manifest(root, "preempt")["cells"][key]["job_id"]
+    job = submitit.SlurmJob(folder=root / "_slurm" / "%j", job_id=job_id)
+    seen = set()
+    for preempt in (job._interrupt, lambda: subprocess.run(["scontrol", "requeue", job_id], check=True),
+                    job._interrupt):  # submitit's preemption (SIGTERM + USR2), Slurm's requeue
+        poll(lambda: owner_pid(root / key) not in seen | {None}, what="the next start")
+        seen.add(owner_pid(root / key))
+        time.sleep(0.5)
+        preempt()
+    out = grid(path, root, "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [row["State"] for row in sacct(job_id, "-D")].count("REQUEUED") == 3
+    history = json.loads((root / key / identity.CONFIG).read_text())["history"]
+    assert len(history) == 4 and all(h["git_sha"] and h["code"] for h in history)  # every start's sha
+    assert epochs_of(root / key) == [1, 2]
+
+
+@pytest.mark.slow
+def test_an_epoch_longer_than_the_time_limit_finishes_across_timeouts(tmp_path):
+    # One epoch of ~1 min of compute, a 1-minute limit, USR2 30 s before it (Slurm checks
+    # limits about every 30 s): each job trains a part of the epoch and requeues.
+    body = {"set": {**TINY, "data.synthetic_size": 8192, "data.batch_size": 64, "epochs": 1,
+                    "train.steps_per_epoch": 0},
+            "stages": {"pretrain": {}}, "axes": {"seed": [13]},
+            "resources": {"time_min": 1, "signal_delay_s": 30, "max_requeues": 20}}
+    path = write_grid(tmp_path, "timeout", **body)
+    root = tmp_path / "runs"
+    out = grid(path, root, "--wait", timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    key = sweep.load_grid(path, root).runs["pretrain"][0].key
+    job_id = manifest(root, "timeout")["cells"][key]["job_id"]
+    log = job_log(root, job_id)
+    assert re.search(r"resuming from checkpoint.pt: epoch 1, step [1-9]", log), log[-2000:]
+    assert "REQUEUED" in {row["State"] for row in sacct(job_id, "-D")}
+    assert epochs_of(root / key) == [1]
+
+
+def test_queued_jobs_run_the_code_they_were_submitted_with(tmp_path):
+    checkout = tmp_path / "checkout"
+    for name in ("bip", "launch", "configs", "slurm"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "submitted"], check=True)
+    sha = subprocess.run(git[:3] + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    path = write_grid(tmp_path, "pinned", axes={"method": ["omp"], "k": [0.5], "seed": [14]},
+                      stages={"pretrain": {}, "prune": {"set": {"layer_type": "unstructured"}}})
+    root = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    held = subprocess.run([sys.executable, str(checkout / "launch" / "grid.py"), str(path), "--root",
+                           str(root), "--hold"], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=checkout)
+    assert held.returncode == 0, held.stdout + held.stderr
+    train_py = checkout / "bip" / "train.py"  # a git pull that breaks training, after submission
+    broken = 'raise RuntimeError("the checkout changed after submission")\n'
+    train_py.write_text(broken + train_py.read_text())
+    subprocess.run(git + ["commit", "-qam", "pulled"], check=True)
+    jobs = [a["job_id"] for a in manifest(root, "pinned")["submissions"][-1]["arrays"]]
+    subprocess.run(["scontrol", "release", *jobs], check=True)
+    out = grid(path, root, "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    submitted = manifest(root, "pinned")["submissions"][-1]["code"]
+    assert submitted["git_sha"] == sha and submitted["git_dirty"] is False
+    for run in sweep.load_grid(path, root).all_runs():
+        history = json.loads((root / run.key / identity.CONFIG).read_text())["history"]
+        assert [(h["git_sha"], h["code"]) for h in history] == [(sha, submitted["id"])]
+
+
+def test_after_scancel_of_a_running_pretrain_status_wait_and_collect_agree(tmp_path):
+    body = {"set": {**TINY, "data.synthetic_size": 1536, "epochs": 2, "train.steps_per_epoch": 0},
+            "stages": {"pretrain": {}, "prune": {"set": {"layer_type": "unstructured"}}},
+            "axes": {"method": ["omp"], "k": [0.5], "seed": [15]}}
+    path = write_grid(tmp_path, "cancel", **body)
+    root = tmp_path / "runs"
+    assert grid(path, root).returncode == 0
+    plan = sweep.load_grid(path, root)
+    pretrain, prune = plan.runs["pretrain"][0].key, plan.runs["prune"][0].key
+    poll(lambda: owner_pid(root / pretrain) is not None, what="the pretrain to start")
+    subprocess.run(["scancel", manifest(root, "cancel")["cells"][pretrain]["job_id"]], check=True)
+    waited = grid(path, root, "--wait")
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    status = grid(path, root, "--status").stdout
+    with open(root / "index.csv", newline="") as f:
+        statuses = {row["path"]: row["status"] for row in csv.DictReader(f)}
+    for text in (waited.stdout, status):  # the last table printed is the status
+        lines = text.splitlines()
+        top = max(i for i, line in enumerate(lines) if line.startswith("stage"))
+        header = lines[top].split()[1:]
+        rows = {line.split()[0]: dict(zip(header, line.split()[1:])) for line in lines[top + 1:top + 3]}
+        assert rows["pretrain"]["failed"] == "1" and rows["prune"]["blocked"] == "1", text
+    assert statuses == {pretrain: "failed", prune: "blocked"}
+    assert "CANCELLED without result.json" in status
+    retry = grid(path, root, "--only-failed", "--wait")
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert all(runfolder.inspect(root / k).state == "done" for k in (pretrain, prune))
 
 
 def test_a_failing_cell_is_failed_in_status_and_slurm_and_only_failed_resubmits_it(root, tmp_path):
@@ -153,8 +305,10 @@ def test_a_failing_cell_is_failed_in_status_and_slurm_and_only_failed_resubmits_
     out = grid(broken, root, "--wait")
     assert out.returncode == 1, out.stdout + out.stderr
     status = grid(broken, root, "--status").stdout
-    rows = {line.split()[0]: line.split()[1:6] for line in status.splitlines()[2:5]}
-    assert rows["prune"] == ["1", "0", "0", "1", "0"] and rows["finetune"] == ["1", "0", "0", "0", "1"]
+    header = status.splitlines()[1].split()[1:]
+    rows = {line.split()[0]: dict(zip(header, line.split()[1:])) for line in status.splitlines()[2:5]}
+    assert (rows["prune"]["done"], rows["prune"]["failed"]) == ("1", "1")
+    assert (rows["finetune"]["done"], rows["finetune"]["blocked"]) == ("1", "1")
     assert "resume checkpoint" in status and "parent failed" in status
 
     plan = sweep.load_grid(broken, root)
@@ -187,7 +341,7 @@ def test_a_two_node_cell_trains_with_ddp_and_both_ranks_agree(root, tmp_path):
     assert sacct(job_id)[0]["NodeList"] == "node[1-2]"
 
 
-def test_a_1000_cell_grid_is_one_sbatch_per_stage(root, tmp_path):
+def test_a_1000_cell_grid_takes_one_sbatch_per_parent_array(root, tmp_path):
     shim, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
     shim.mkdir()
     (shim / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("sbatch")} "$@"\n')
@@ -200,5 +354,38 @@ def test_a_1000_cell_grid_is_one_sbatch_per_stage(root, tmp_path):
     arrays = manifest(tmp_path / "big-runs", "big")["submissions"][-1]["arrays"]
     subprocess.run(["scancel", *[a["job_id"] for a in arrays]], check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert [(a["stage"], a["tasks"]) for a in arrays] == [("pretrain", 5), ("prune", 1000), ("finetune", 500)]
-    assert len(calls.read_text().splitlines()) == 3
+    # 5 pretrains; the prunes of each pretrain wait for it; 500 finetunes (500 parents, over the
+    # cap of 64 arrays) go one array per prune array.
+    assert [(a["stage"], a["tasks"]) for a in arrays] == \
+        [("pretrain", 5)] + [("prune", 200)] * 5 + [("finetune", 100)] * 5
+    assert len(calls.read_text().splitlines()) == 11 and "sbatch calls: 11" in out.stdout
+
+
+def test_a_lease_held_by_an_ended_slurm_job_is_taken_over_at_once(tmp_path):
+    # A node crash or an OOM kill leaves a heartbeat only minutes old; squeue says the job is over.
+    def sbatch(command: str) -> str:
+        return subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", command],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def listed(job: str) -> bool:
+        return bool(subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip())
+    ended, running = sbatch("true"), sbatch("sleep 120")
+    try:
+        poll(lambda: not listed(ended), what="the short job to end")
+        for job, free in ((running, False), (ended, True)):
+            folder = tmp_path / job
+            folder.mkdir()
+            (folder / identity.OWNER).write_text(json.dumps(
+                {"host": "a-crashed-node", "pid": 4242, "slurm_job_id": job, "started": "t",
+                 "heartbeat": time.time(), "stale_s": 600, "token": "x"}))
+            logged = []
+            lease = runfolder.Lease(folder, 600, log=logged.append)
+            if free:
+                lease.acquire()
+                assert "has ended" in logged[0]
+                lease.release()
+            else:
+                with pytest.raises(runfolder.LeaseHeld):
+                    lease.acquire()
+    finally:
+        subprocess.run(["scancel", running], check=False)
