@@ -92,7 +92,19 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        set_cuda_rng_states(state["cuda"])
+
+
+def set_cuda_rng_states(states: list) -> int:
+    """Restore the saved per-GPU generator states on the GPUs this process sees; returns how
+    many. A checkpoint saved on a node with more GPUs (or more visible to the saver) than this
+    one resumes with the states that exist (torch.cuda.set_rng_state_all would raise
+    IndexError); the devices beyond the saver's keep their seed. bip's draws come from CPU
+    generators (bip.data.plan), so the CUDA states matter only for ops that sample on the GPU."""
+    count = min(len(states), torch.cuda.device_count())
+    for device in range(count):
+        torch.cuda.set_rng_state(states[device], device)
+    return count
 
 
 def _numpy_state() -> list:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -209,6 +210,11 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model (in place; one graph per pass kind)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: debugging)
     checkpoint_every_min: float = 30.0  # a step checkpoint at least this often (a kill loses less)
+    # Processes that train the run together (DDP). Part of the run identity: the global batch is
+    # data.batch_size x world_size. Filled in from torchrun's WORLD_SIZE by load_config and from
+    # the Slurm profile (nodes x tasks_per_node) by the launcher; train() checks it.
+    world_size: int = 1
+    sync_bn: bool = False           # under DDP: BatchNorm -> SyncBatchNorm (global batch statistics)
 
     def __post_init__(self):
         if self.mixed_precision == "no":  # accelerate's spelling
@@ -222,6 +228,7 @@ class TrainConfig:
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _check_min(self, "train", 0, ("max_nonfinite_steps",))
         _check_min(self, "train", -1, ("rewind_epoch",))
+        _check_min(self, "train", 1, ("world_size",))
         if not self.checkpoint_every_min > 0:  # also rejects NaN
             raise BipError(f"train.checkpoint_every_min must be > 0, got {self.checkpoint_every_min}")
 
@@ -461,8 +468,11 @@ def build_config(overrides: Iterable[tuple[str, Any, str]], base: Config | None 
 
 def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
                 flags: dict[str, Any] | None = None) -> Config:
-    """YAML files, then seed-style ``flags`` (flat keys), then ``section.key=value`` strings."""
-    items: list[tuple[str, Any, str]] = []
+    """YAML files, then seed-style ``flags`` (flat keys), then ``section.key=value`` strings.
+    train.world_size starts from the environment's WORLD_SIZE (torchrun, accelerate launch), so
+    a run started under torchrun gets the identity of its process count."""
+    items: list[tuple[str, Any, str]] = [("train.world_size", os.environ.get("WORLD_SIZE") or 1,
+                                          "environment (WORLD_SIZE)")]
     for path in yaml_files:
         items += flatten_yaml(read_yaml(path), str(path))
     items += [(key, value, "flag") for key, value in (flags or {}).items()]

@@ -56,12 +56,16 @@ _TRAINING = {"train.epochs", "train.steps_per_epoch", "train.label_smoothing"}
 def _unused(cfg: Config) -> set[str]:
     """Fields that this stage / method does not read (so they must not split ids)."""
     stage, method = cfg.run.stage, cfg.prune.method
+    # train.world_size is hashed like any field: 1 (the default) leaves every 1-process id as
+    # it was, N > 1 gives the run of global batch data.batch_size x N its own id. sync_bn only
+    # acts under DDP.
+    world = {"train.sync_bn"} if cfg.train.world_size == 1 else set()
     if stage == "pretrain":
-        return {"prune.*", "bip.*"}
+        return {"prune.*", "bip.*"} | world
     if stage == "finetune":
         return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate",
-                "prune.variant"}
-    unused = set()
+                "prune.variant"} | world
+    unused = world
     if method != "bip":
         unused.add("bip.*")
     if method != "hydra":
@@ -100,6 +104,11 @@ def hashed_fields(cfg: Config) -> dict[str, object]:
     if cfg.run.source_net:
         out["run.source_sha256"] = source_digest(cfg.run.source_net)
     return out
+
+
+def global_batch_size(cfg: Config) -> int:
+    """Training samples per optimizer step over all processes (data.batch_size is per process)."""
+    return cfg.data.batch_size * cfg.train.world_size
 
 
 def config_hash(cfg: Config) -> str:
@@ -157,7 +166,8 @@ def config_yaml(cfg: Config, provenance: dict | None = None) -> str:
     parser needs ten). A non-finite float (``bip.gamma=inf``) is written as the string "inf":
     json's ``Infinity`` is neither strict JSON nor a YAML number, and the config loader coerces
     "inf" back to the float."""
-    doc = {"run_id": run_id(cfg), "parent_id": cfg.run.parent, "hashed": hashed_fields(cfg),
+    doc = {"run_id": run_id(cfg), "parent_id": cfg.run.parent, "world_size": cfg.train.world_size,
+           "global_batch_size": global_batch_size(cfg), "hashed": hashed_fields(cfg),
            "config": cfg.to_dict(), "provenance": provenance or {}}
     return json.dumps(_finite_json(doc), indent=1, allow_nan=False) + "\n"
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bip import checkpoint, collapse, identity, masking, runfolder
+from bip import checkpoint, collapse, identity, masking, runfolder, world
 from bip.config import Config, config_from_argv
 from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
@@ -83,6 +83,7 @@ class _Job:
 
 
 def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
+    world.check_processes(cfg, accelerator.num_processes)
     seed_everything(cfg.run.seed, cfg.train.deterministic)
     # Cheap checks first: a typo should not wait for the dataset to load.
     model_builder(cfg.model.arch)
@@ -94,8 +95,9 @@ def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
     spec = model_input(cfg, spec)
     # On the device, in its memory format and compiled (bip.speed) before any aliasing
     # (reference BiP) or optimizer references are made.
-    model = prepare_model(create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type,
-                                       **model_options(cfg.model)).to(accelerator.device), cfg.train)
+    model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type, **model_options(cfg.model))
+    model = prepare_model(world.sync_batchnorm(cfg, model, accelerator.device).to(accelerator.device),
+                          cfg.train)
     if source is not None:
         load_source(cfg, model, source)
     elif cfg.run.stage != "pretrain" and not (own or seed_ckpt):
@@ -151,6 +153,7 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -
              "resumed_from": None, "nonfinite_steps": 0}
     if usable:
         ckpt = ckpt if ckpt is not None else checkpoint.load(own, "checkpoint")
+        world.check_checkpoint(ckpt.get("meta"), cfg, own)
         state.update(_resume(ckpt, own, job.method), resumed_from="checkpoint.pt")
     elif job.seed_ckpt is not None:
         state.update(_resume(job.seed_ckpt, Path(cfg.run.resume), job.method), resumed_from=cfg.run.resume)
@@ -365,14 +368,18 @@ def _evaluate(model, loaders, accelerator, cfg: Config) -> dict:
     for name, batches in (("val", loaders.val), ("test", loaders.test)):
         if batches is None:
             continue
-        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        # Correct, top-5 correct, loss summed on the device in float64 (no per-batch host copy);
+        # the sample count is known on the host and joins the sums once, before the all-reduce.
+        sums, n = torch.zeros(4, dtype=torch.float64, device=accelerator.device), 0
         for x, y in batches():
             with autocast(cfg, accelerator.device.type):
                 logits = model(x)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
-                                 F.cross_entropy(logits.float(), y, reduction="sum"),
-                                 torch.tensor(len(y), device=y.device)]).double()
+            hits = torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum()])
+            sums[:2] += hits
+            sums[2] += F.cross_entropy(logits.double(), y, reduction="sum")
+            n += len(y)
+        sums[3] += n
         if dist.is_initialized():
             dist.all_reduce(sums)
         correct, correct5, loss, n = sums.tolist()
@@ -416,6 +423,7 @@ def _meta(cfg: Config, num_classes: int) -> dict:
             "layer_type": cfg.prune.layer_type, "k": cfg.prune.k, "arch": cfg.model.arch,
             "dataset": cfg.data.dataset, "run_id": identity.run_id(cfg), "seed": cfg.run.seed,
             "num_classes": num_classes, "n": cfg.prune.n, "m": cfg.prune.m,  # n, m: N:M masks
+            "world_size": cfg.train.world_size,
             "model_options": model_options(cfg.model)}
 
 
@@ -437,6 +445,7 @@ def _seed_checkpoint(cfg: Config) -> dict:
         raise BipError(f"--resume {path} is a checkpoint of run {meta.get('run_id')} seed "
                        f"{meta.get('seed')}, not of this run ({mine[0]} seed {mine[1]}); "
                        "run.resume_foreign=true resumes it anyway")
+    world.check_checkpoint(meta, cfg, path)
     return ckpt
 
 
@@ -479,6 +488,7 @@ def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
         **count_params_and_macs(model, loaders.input_shape),
         "wall_time_s": round(state["wall_time_s"] if state["epoch"] else elapsed, 3),
         "device": device, "world_size": accelerator.num_processes,
+        "global_batch_size": identity.global_batch_size(cfg),
         "nonfinite_steps": state["nonfinite_steps"],  # skipped (train.max_nonfinite_steps)
     }
 

@@ -44,7 +44,8 @@ COLUMNS = (
     "status", "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
-    *EXPORT_COLUMNS, "epochs", "wall_time_s", "device", "world_size", "git_sha", "git_dirty",
+    *EXPORT_COLUMNS, "epochs", "wall_time_s", "device", "world_size", "global_batch_size", "git_sha",
+    "git_dirty",
     "slurm_job_id", "host", "started", "code_changed", "error", "path",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
@@ -52,7 +53,7 @@ _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction
     "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
     "params_dense", "params_effective", "macs_dense", "macs_effective", "epochs", "wall_time_s",
-    "device", "world_size",
+    "device", "world_size", "global_batch_size",
 )
 _CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
 _STAGE_ORDER = {"pretrain": 0, "prune": 1, "finetune": 2}
@@ -184,6 +185,10 @@ def _config_fields(doc: dict) -> dict:
         "layer_type": flat.get("prune.layer_type"), "k": flat.get("prune.k"),
         "seed": flat.get("run.seed"),
     }
+    # data.batch_size is per process; configs from before train.world_size ran on one.
+    world, batch = flat.get("train.world_size", 1), flat.get("data.batch_size")
+    fields["world_size"] = world
+    fields["global_batch_size"] = batch * world if isinstance(batch, int) and isinstance(world, int) else None
     provenance = doc["provenance"] if isinstance(doc["provenance"], dict) else {}
     fields.update({key: provenance[key] for key in _FROM_PROVENANCE if key in provenance})
     fields.update(flat)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     executor = "debug" if args.debug else "local" if args.local else "slurm"
     if args.hold and (args.wait or executor != "slurm"):
         raise BipError("--hold submits held Slurm jobs: not with --wait, --local or --debug")
-    plan = sweep.load_grid(args.grid, args.root)
+    plan = sweep.load_grid(args.grid, args.root, args.profile)
     resources = stage_resources(plan, args.profile, executor)
     if not args.status:
         check_names(plan)  # a dry run validates every cell as a submission would

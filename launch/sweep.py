@@ -4,8 +4,10 @@ duplicate cells (pure: reads the grid and its base configs, touches no run folde
 The format is launch/gridfile.py's. Config paths may hold ``{placeholders}`` (axis or ``set``
 keys); relative paths are looked up in the current directory, then in the repository.
 Precedence inside a stage: config files < ``set`` < stage ``set`` < axes < what the launcher
-owns (run.stage, run.parent, run.result_dir). A finetune copies prune.method / layer_type / k
-from its prune run; a child must share its parent's dataset, arch and seed.
+owns (run.stage, run.parent, run.result_dir, train.world_size). A finetune copies prune.method / layer_type / k
+from its prune run; a child must share its parent's dataset, arch and seed. Each stage's
+train.world_size is its profile's nodes x tasks_per_node (after the grid's resources), so a
+run trained by N processes has the id of its global batch (bip.identity) wherever it is built.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from bip import identity
 from bip.config import FLAT_KEYS, Config, build_config, flatten_yaml, read_yaml
 from bip.errors import BipError
 from bip.names import check_name, check_root
+from launch import profiles
 from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key,
                              export_of, label, mapping, stages_of)
 
@@ -55,8 +58,9 @@ class Plan:
         return self.root / (run if isinstance(run, str) else run.key)
 
 
-def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
-    """Read, validate and expand a grid; every error is a one-line BipError."""
+def load_grid(path: str | Path, root: str | Path | None = None, profile: str | None = None) -> Plan:
+    """Read, validate and expand a grid; every error is a one-line BipError. ``profile``
+    (grid.py --profile) replaces the grid's own: it decides each stage's world size."""
     path = Path(path)
     if not path.is_file():
         raise BipError(f"grid file not found: {path}")
@@ -75,9 +79,13 @@ def load_grid(path: str | Path, root: str | Path | None = None) -> Plan:
     resources = {s: {**mapping(doc.get("resources"), f"{where}: resources"),
                      **mapping(stages[s].get("resources"), f"{where}: stages.{s}.resources")}
                  for s in stages}
-    runs = _with_export(_expand(name, stages, cells, common, root, where, source),
+    profile = profile or str(doc.get("profile") or "")
+    base = profiles.load_profile(profile) if profile else {}
+    world = {s: profiles.world_size(profiles.resolve(base, resources[s], f"{where}: {s} resources"))
+             for s in stages}
+    runs = _with_export(_expand(name, stages, cells, common, root, where, source, world),
                         export_of(doc.get("stages"), where))
-    return Plan(name=name, path=path, root=root, profile=str(doc.get("profile") or ""),
+    return Plan(name=name, path=path, root=root, profile=profile,
                 resources=resources, runs=runs, cells=len(cells))
 
 
@@ -153,7 +161,7 @@ def _pretrain_source(stages: dict, where: str) -> str:
 
 
 def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Path,
-            where: str, source: str = "") -> dict[str, list[Run]]:
+            where: str, source: str = "", world: dict | None = None) -> dict[str, list[Run]]:
     bases = _Bases(stages, common, where)
     runs: dict[str, dict[str, Run]] = {stage: {} for stage in stages}
     leaf_owner: dict[str, str] = {}
@@ -166,7 +174,7 @@ def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Pat
             if stage == "finetune" and parent.cfg.prune.method not in stages["finetune"]["methods"]:
                 continue
             over = {axis.dotted: value for axis, value in cell if stage in axis.stages}
-            over.update(launcher, **{"run.stage": stage})
+            over.update(launcher, **{"run.stage": stage, "train.world_size": (world or {}).get(stage, 1)})
             if parent is not None:
                 over.update({"run.parent": parent.key.split("/")[0], "run.source_net": ""})
             elif source:

@@ -1,0 +1,51 @@
+"""How many processes train a run, and what that changes.
+
+``train.world_size`` (a config field, hence part of the run id when > 1) must equal the
+number of processes accelerate started: ``data.batch_size`` is per process, so the global
+batch, and with it the result, depends on the process count. A checkpoint records the world
+size it was saved under; resuming it under another one would continue with another global
+batch and another sharding, so it is refused. ``train.sync_bn`` turns BatchNorm into
+SyncBatchNorm under DDP: train-mode statistics over the global batch instead of each rank's
+shard (the one part of a step that otherwise depends on the process count).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bip.config import Config
+from bip.errors import BipError
+
+
+def check_processes(cfg: Config, processes: int) -> None:
+    """The run's declared world size is the one it runs with (before anything is written)."""
+    if cfg.train.world_size != processes:
+        hint = (" (on CPU, torchrun needs ACCELERATE_USE_CPU=1 to start DDP)"
+                if processes == 1 and not torch.cuda.is_available() else "")
+        raise BipError(f"train.world_size={cfg.train.world_size} but {processes} process(es) run this "
+                       f"training{hint}; the global batch (data.batch_size x world size) is part of "
+                       "the run's identity")
+
+
+def check_checkpoint(meta: object, cfg: Config, path: Path) -> None:
+    """A checkpoint saved under another world size does not resume (checkpoints from before
+    world sizes were recorded are taken as they are)."""
+    saved = meta.get("world_size") if isinstance(meta, dict) else None
+    if saved is not None and saved != cfg.train.world_size:
+        raise BipError(f"{path} was saved by {saved} process(es) (global batch "
+                       f"{cfg.data.batch_size * saved}); this run has {cfg.train.world_size} "
+                       f"(global batch {cfg.data.batch_size * cfg.train.world_size}): "
+                       f"resume it with world size {saved}")
+
+
+def sync_batchnorm(cfg: Config, model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with SyncBatchNorm layers when train.sync_bn and the run has several processes.
+    Called before the optimizers, the compile and DDP see the model; parameter objects and
+    state_dict keys stay the same, so checkpoints and final.pt are those of the plain model."""
+    if not cfg.train.sync_bn or cfg.train.world_size == 1:
+        return model
+    if device.type == "cpu":  # torch's SyncBatchNorm raises in training on CPU tensors
+        raise BipError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
