@@ -157,6 +157,8 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -
         state.update(_resume(ckpt, own, job.method), resumed_from="checkpoint.pt")
     elif job.seed_ckpt is not None:
         state.update(_resume(job.seed_ckpt, Path(cfg.run.resume), job.method), resumed_from=cfg.run.resume)
+    if not accelerator.is_main_process:  # the saved sums are all ranks': the main rank carries them
+        state["totals"] = {}
     if state["resumed_from"]:
         _Progress(accelerator.is_main_process, 1).line(
             f"resuming from {state['resumed_from']}: epoch {state['epoch'] + 1}, step "
@@ -212,8 +214,9 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         state["nonfinite_steps"] = guard.check(epoch)  # before anything of this epoch is saved
         last = _evaluate(model, loaders, accelerator, cfg)
         state["epoch_time_s"] += time.time() - t0
+        totals = world.reduce_totals(state["totals"])  # every rank's shard
         last.update(epoch=epoch + 1, step=state["step"], time_s=round(state["epoch_time_s"], 3),
-                    train_loss=_mean(state["totals"], "loss"), train_acc=_mean(state["totals"], "correct"))
+                    train_loss=_mean(totals, "loss"), train_acc=_mean(totals, "correct"))
         last.update(collapse.record(method.core, loaders.input_shape, f"epoch {epoch + 1}", log.line))
         if last.get("val_acc", -1.0) > state["best"]["val_acc"]:
             state["best"] = {"val_acc": last["val_acc"], "epoch": epoch + 1, "test_acc": last["test_acc"]}
@@ -406,7 +409,7 @@ def _checkpoint(cfg: Config, method, state: dict) -> dict:
     return {"format": checkpoint.FORMAT, "model": method.core.state_dict(),
             "method": method.state_dict(), "rng": checkpoint.rng_state(),
             "epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"],
-            "totals": dict(state["totals"]), "epoch_time_s": state["epoch_time_s"],
+            "totals": world.reduce_totals(state["totals"]), "epoch_time_s": state["epoch_time_s"],
             "best": state["best"], "wall_time_s": state["wall_time_s"],
             "nonfinite_steps": state["nonfinite_steps"],
             "meta": _meta(cfg, method.num_classes)}

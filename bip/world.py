@@ -49,3 +49,23 @@ def sync_batchnorm(cfg: Config, model: nn.Module, device: torch.device) -> nn.Mo
     if device.type == "cpu":  # torch's SyncBatchNorm raises in training on CPU tensors
         raise BipError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+TOTALS = ("loss", "correct", "n")  # what Method.step returns, summed over an epoch's steps
+
+
+def reduce_totals(totals: dict) -> dict:
+    """An epoch's running sums over every rank (each rank sums its own shard's): what
+    metrics.jsonl's train_loss / train_acc and a step checkpoint hold, so they are those of
+    the global batches whatever the process count. One all-reduce, at a logging point."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return totals
+    device = next((v.device for v in totals.values() if torch.is_tensor(v)), None)
+    if device is None:  # nothing summed yet on this rank: the process group's device
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.stack([torch.as_tensor(totals.get(k, 0), dtype=torch.float64, device=device)
+                        for k in TOTALS])
+    dist.all_reduce(flat)
+    return dict(zip(TOTALS, flat.unbind()))
