@@ -97,8 +97,8 @@ def test_squaring_each_ranks_local_g_breaks_the_invariant_that_gsync_keeps(repor
 
 # -- end to end: the same `python -m bip.train` command on 1 process with batch B and on 2 with B/2
 
-E2E = ["--arch", "vgg11", "--dataset", "synthetic", "data.synthetic_size=160", "data.loader=tensor",
-       "data.num_workers=0", "--epochs", "1", "train.steps_per_epoch=3"]
+E2E = ["--arch", "vgg11", "--dataset", "synthetic", "data.synthetic_size=160", "--epochs", "1",
+       "train.steps_per_epoch=3"]
 
 
 def train_both(root: Path, args: list[str], port: int) -> tuple[Path, Path]:
@@ -143,12 +143,13 @@ def assert_same_run(one: Path, two: Path) -> None:
 
 
 def test_the_same_command_on_two_processes_with_half_the_batch_gives_the_same_run(tmp_path):
-    """Pretrain (dense vgg11, BN-free) and BiP (paper) from the same source, each run as one
-    process with batch 16 and as two with batch 8: same global batches (bip.data.plan), same
-    augmentation draws, so the same metrics and final weights up to float round-off."""
-    one, two = train_both(tmp_path, [], 29661)
+    """Pretrain (dense vgg11, BN-free; torch DataLoader with a worker process) and BiP (paper,
+    tensor loader) from the same source, each run as one process with batch 16 and as two with
+    batch 8: same global batches (bip.data.plan), same augmentation draws, so the same metrics
+    and final weights up to float round-off."""
+    one, two = train_both(tmp_path, ["data.loader=torch", "data.num_workers=1"], 29661)
     assert_same_run(one, two)
-    prune = ["--exp-mode", "prune", "prune.method=bip", "--layer-type", "unstructured", "--k", "0.2",
+    prune = ["data.loader=tensor", "data.num_workers=0", "--exp-mode", "prune", "prune.method=bip", "--layer-type", "unstructured", "--k", "0.2",
              "--source-net", str(one / "final.pt"), "bip.gamma=0.5", "bip.beta=1.0"]
     one, two = train_both(tmp_path, prune, 29663)
     assert_same_run(one, two)

@@ -341,6 +341,37 @@ def test_a_two_node_cell_trains_with_ddp_and_both_ranks_agree(root, tmp_path):
     assert sacct(job_id)[0]["NodeList"] == "node[1-2]"
 
 
+@pytest.mark.slow
+def test_bip_on_two_nodes_x_two_tasks_ends_as_one_process_with_four_times_the_batch(tmp_path):
+    """BiP (paper), BN-free vgg11: 2 nodes x 2 tasks (gloo) with batch 4 per process and one
+    process with batch 16 read the same global batches; the results agree to round-off, in two
+    run folders (the world size is part of the id), sharing one pretrain."""
+    small = {**TINY, "arch": "vgg11", "data.synthetic_size": 160, "data.loader": "tensor",
+             "train.steps_per_epoch": 2}
+    prune = {"set": {"layer_type": "unstructured", "prune.method": "bip", "k": 0.2, "bip.gamma": 0.5}}
+    results = {}
+    for name, batch, resources in (("wide", 4, {"nodes": 2, "tasks_per_node": 2}), ("one", 16, {})):
+        path = write_grid(tmp_path, name, set={**small, "data.batch_size": batch},
+                          stages={"pretrain": {"set": {"data.batch_size": 16}},
+                                  "prune": {**prune, "resources": resources}})
+        out = grid(path, tmp_path / "runs", "--wait")
+        assert out.returncode == 0, out.stdout + out.stderr
+        run = sweep.load_grid(path, tmp_path / "runs").runs["prune"][0]
+        results[name] = json.loads((tmp_path / "runs" / run.key / identity.RESULT).read_text())
+        if name == "wide":
+            job_id = manifest(tmp_path / "runs", name)["cells"][run.key]["job_id"]
+            assert sacct(job_id)[0]["NodeList"] == "node[1-2]"
+    wide, one = results["wide"], results["one"]
+    assert (wide["world_size"], one["world_size"]) == (4, 1)
+    assert wide["global_batch_size"] == one["global_batch_size"] == 16
+    assert wide["run_id"] != one["run_id"] and wide["parent_id"] == one["parent_id"]
+    for key in ("test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "epochs", "params_effective"):
+        assert wide[key] == one[key], key
+    assert wide["sparsity"] == one["sparsity"]
+    print(f"2x2 tasks: test_acc {wide['test_acc']} wall {wide['wall_time_s']} s; 1 process: "
+          f"test_acc {one['test_acc']} wall {one['wall_time_s']} s")
+
+
 def test_a_1000_cell_grid_takes_one_sbatch_per_parent_array(root, tmp_path):
     shim, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
     shim.mkdir()
