@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from bip.config import Config
@@ -58,7 +59,6 @@ def reduce_totals(totals: dict) -> dict:
     """An epoch's running sums over every rank (each rank sums its own shard's): what
     metrics.jsonl's train_loss / train_acc and a step checkpoint hold, so they are those of
     the global batches whatever the process count. One all-reduce, at a logging point."""
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return totals
     device = next((v.device for v in totals.values() if torch.is_tensor(v)), None)
