@@ -349,7 +349,7 @@ def test_bip_on_two_nodes_x_two_tasks_ends_as_one_process_with_four_times_the_ba
     small = {**TINY, "arch": "vgg11", "data.synthetic_size": 160, "data.loader": "tensor",
              "train.steps_per_epoch": 2}
     prune = {"set": {"layer_type": "unstructured", "prune.method": "bip", "k": 0.2, "bip.gamma": 0.5}}
-    results = {}
+    results, losses = {}, {}
     for name, batch, resources in (("wide", 4, {"nodes": 2, "tasks_per_node": 2}), ("one", 16, {})):
         path = write_grid(tmp_path, name, set={**small, "data.batch_size": batch},
                           stages={"pretrain": {"set": {"data.batch_size": 16}},
@@ -358,6 +358,7 @@ def test_bip_on_two_nodes_x_two_tasks_ends_as_one_process_with_four_times_the_ba
         assert out.returncode == 0, out.stdout + out.stderr
         run = sweep.load_grid(path, tmp_path / "runs").runs["prune"][0]
         results[name] = json.loads((tmp_path / "runs" / run.key / identity.RESULT).read_text())
+        losses[name] = no_time(tmp_path / "runs" / run.key)[-1]
         if name == "wide":
             job_id = manifest(tmp_path / "runs", name)["cells"][run.key]["job_id"]
             assert sacct(job_id)[0]["NodeList"] == "node[1-2]"
@@ -368,8 +369,10 @@ def test_bip_on_two_nodes_x_two_tasks_ends_as_one_process_with_four_times_the_ba
     for key in ("test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "epochs", "params_effective"):
         assert wide[key] == one[key], key
     assert wide["sparsity"] == one["sparsity"]
-    print(f"2x2 tasks: test_acc {wide['test_acc']} wall {wide['wall_time_s']} s; 1 process: "
-          f"test_acc {one['test_acc']} wall {one['wall_time_s']} s")
+    for key in ("train_loss", "val_loss", "test_loss", "train_acc"):  # summed over all 4 ranks
+        assert abs(losses["wide"][key] - losses["one"][key]) <= 1e-5 * abs(losses["one"][key]), key
+    print(f"2x2 tasks: test_acc {wide['test_acc']} {losses['wide']} wall {wide['wall_time_s']} s; "
+          f"1 process: test_acc {one['test_acc']} {losses['one']} wall {one['wall_time_s']} s")
 
 
 def test_a_1000_cell_grid_takes_one_sbatch_per_parent_array(root, tmp_path):
