@@ -3,11 +3,9 @@
 config.yaml, result.json and index.csv with the global batch; checked at start and on resume;
 CUDA RNG states restore on fewer GPUs; train.sync_bn."""
 import csv
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
