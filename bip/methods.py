@@ -70,6 +70,9 @@ class Method:
         last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.num_classes = last_linear[-1].out_features if last_linear else 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # Training examples through a forward / a backward of the model on this process since
+        # the last take_passes(): host ints from batch shapes, so counting never syncs.
+        self._passes = [0, 0]
         if cfg.run.stage == "prune":  # skip, N:M groups, budget scope and floor of this run
             masking.configure(model, cfg.prune)
 
@@ -85,6 +88,11 @@ class Method:
 
     def step(self, batches: list[Batch], progress: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def take_passes(self) -> tuple[int, int]:
+        """(forward, backward) example passes on this process since the last call."""
+        passes, self._passes = tuple(self._passes), [0, 0]
+        return passes
 
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
@@ -103,9 +111,19 @@ class Method:
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
-            out = self.model(x)
+            out = self._forward(x)
             loss = F.cross_entropy(out, y, label_smoothing=self.cfg.train.label_smoothing)
         return loss, out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every training forward goes through here (counted)."""
+        self._passes[0] += x.shape[0]
+        return self.model(x)
+
+    def _backward(self, loss: torch.Tensor, y: torch.Tensor) -> None:
+        """Every training backward goes through here (counted: len(y) examples)."""
+        self._passes[1] += y.shape[0]
+        loss.backward()
 
     @staticmethod
     def _stats(loss, out, y) -> dict[str, torch.Tensor]:
@@ -119,7 +137,7 @@ class Method:
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         loss, out = self._loss(*batch)
-        loss.backward()
+        self._backward(loss, batch[1])
         opt.step()
         return self._stats(loss, out, batch[1])
 
@@ -202,7 +220,7 @@ class BipPaper(Method):
         self.lower.zero_grad(set_to_none=True)
         with masking.grad_target(self.core, "weights"), self._no_sync():
             loss_v, _ = self._loss(x_v, y_v)
-            loss_v.backward()
+            self._backward(loss_v, y_v)
         all_reduce_grads(self.theta)
         self.lower.step()
 
@@ -212,7 +230,7 @@ class BipPaper(Method):
         sink = gsync.GReducer(self.ig_coeff) if gsync.distributed() else None
         with masking.grad_target(self.core, "scores", self.ig_coeff, sink), self._no_sync():
             loss_t, out = self._loss(x_t, y_t)
-            loss_t.backward()
+            self._backward(loss_t, y_t)
         if sink is not None:
             sink.finish()
         self.upper.step()

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bip import checkpoint, collapse, identity, masking, runfolder
+from bip import checkpoint, collapse, compute, identity, masking, runfolder
 from bip.config import Config, config_from_argv
 from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
 from bip.errors import BipError
-from bip.export import count_params_and_macs
+from bip.export import layer_positions, macs_from_positions
 from bip.methods import autocast, create_method
 from bip.models import create_model, model_builder, model_options
 from bip.models.external import input_defaults, is_external
@@ -78,8 +78,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
 class _Job:
     """What a run is made of (built and validated before the folder is touched)."""
 
-    def __init__(self, model, method, loaders, seed_ckpt):
+    def __init__(self, model, method, loaders, seed_ckpt, parent_result):
         self.model, self.method, self.loaders, self.seed_ckpt = model, method, loaders, seed_ckpt
+        self.parent_result = parent_result  # the parent's published result.json (lineage compute)
 
 
 def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
@@ -109,7 +110,7 @@ def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
                             device=accelerator.device)
     method.attach(accelerator.prepare_model(model) if accelerator.num_processes > 1 else model,
                   accelerator)
-    return _Job(model, method, loaders, seed_ckpt)
+    return _Job(model, method, loaders, seed_ckpt, parent_result(source))
 
 
 def _claim(folder: runfolder.RunFolder, accelerator) -> dict | None:
@@ -148,7 +149,7 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -
         usable = box[0]
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "totals": {}, "epoch_time_s": 0.0,
              "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None}, "wall_time_s": 0.0,
-             "resumed_from": None, "nonfinite_steps": 0}
+             "resumed_from": None, "nonfinite_steps": 0, "compute": compute.new()}
     if usable:
         ckpt = ckpt if ckpt is not None else checkpoint.load(own, "checkpoint")
         state.update(_resume(ckpt, own, job.method), resumed_from="checkpoint.pt")
@@ -186,6 +187,8 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
     cadence = runfolder.Cadence(cfg.train.checkpoint_every_min, accelerator.num_processes)
     guard = NonFiniteGuard(method.core, method.optimizers.values(), cfg.train.max_nonfinite_steps,
                            accelerator.device, state["nonfinite_steps"])
+    positions = layer_positions(model, loaders.input_shape)  # for the MACs of each epoch
+    world = accelerator.num_processes
     last = None
     for epoch in range(state["epoch"], epochs):
         t0, first = time.time(), state["step_in_epoch"]
@@ -199,6 +202,7 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
             guard.before_step()
             stats = method.step(list(batch), epoch + i / steps)
             guard.after_step(stats["loss"], state["step"])
+            compute.add_step(state["compute"], method.take_passes(), world)
             state["totals"] = {k: state["totals"].get(k, 0) + v for k, v in stats.items()}
             state["step"], state["step_in_epoch"] = state["step"] + 1, i + 1
             if state["step"] % cfg.run.print_freq == 0:  # a logging point: the one sync allowed
@@ -212,6 +216,8 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         last.update(epoch=epoch + 1, step=state["step"], time_s=round(state["epoch_time_s"], 3),
                     train_loss=_mean(state["totals"], "loss"), train_acc=_mean(state["totals"], "correct"))
         last.update(collapse.record(method.core, loaders.input_shape, f"epoch {epoch + 1}", log.line))
+        compute.close_epoch(state["compute"], macs_from_positions(model, positions)["macs_effective"])
+        last.update(compute.epoch_fields(state["compute"]))
         if last.get("val_acc", -1.0) > state["best"]["val_acc"]:
             state["best"] = {"val_acc": last["val_acc"], "epoch": epoch + 1, "test_acc": last["test_acc"]}
         state["wall_time_s"] += state["epoch_time_s"]
@@ -231,7 +237,8 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         last.update(collapse.record(method.core, loaders.input_shape, "mask", log.line))
         collapse.enforce(last, cfg.prune.on_collapse, "mask")
         folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
-    result = _result(cfg, model, loaders, state, last, accelerator, time.time() - start_time)
+    result = _result(cfg, model, positions, state, last, accelerator, time.time() - start_time,
+                     job.parent_result)
     layers = masking.masked_layers(model)
     mask = _mask_file(cfg, model, result["sparsity"]) if layers else None
     result = folder.publish(_final(cfg, method), result, mask)
@@ -290,6 +297,18 @@ def source_path(cfg: Config, root: Path) -> Path | None:
     if parent is None:
         return None
     return _published(parent, f"parent run {cfg.run.parent} (seed {cfg.run.seed})")
+
+
+def parent_result(source: Path | None) -> dict | None:
+    """The published result.json next to the source model (a parent run's folder), or None for
+    a source that is not a finished bip run (a plain weights file)."""
+    if source is None:
+        return None
+    try:
+        doc = json.loads((source.parent / identity.RESULT).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("status") == "done" else None
 
 
 def _published(run_dir: Path, what: str) -> Path:
@@ -401,7 +420,7 @@ def _checkpoint(cfg: Config, method, state: dict) -> dict:
             "epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"],
             "totals": dict(state["totals"]), "epoch_time_s": state["epoch_time_s"],
             "best": state["best"], "wall_time_s": state["wall_time_s"],
-            "nonfinite_steps": state["nonfinite_steps"],
+            "nonfinite_steps": state["nonfinite_steps"], "compute": dict(state["compute"]),
             "meta": _meta(cfg, method.num_classes)}
 
 
@@ -458,12 +477,14 @@ def _resume(ckpt: dict, path: Path, method) -> dict:
         raise BipError(f"{path} holds an unusable RNG state ({type(err).__name__})") from None
     # Mid-epoch fields (checkpoints of epoch ends from before step checkpoints lack them).
     state.update(step_in_epoch=ckpt.get("step_in_epoch", 0), totals=dict(ckpt.get("totals", {})),
-                 epoch_time_s=ckpt.get("epoch_time_s", 0.0), nonfinite_steps=int(ckpt.get("nonfinite_steps", 0)))
+                 epoch_time_s=ckpt.get("epoch_time_s", 0.0), nonfinite_steps=int(ckpt.get("nonfinite_steps", 0)),
+                 compute={**compute.new(), **ckpt.get("compute", {})})
     return state
 
 
-def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
+def _result(cfg, model, positions, state, last, accelerator, elapsed, parent: dict | None) -> dict:
     best = state["best"]
+    wall = round(state["wall_time_s"] if state["epoch"] else elapsed, 3)
     report = masking.sparsity_report(model) if masking.masked_layers(model) else None
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     return {
@@ -476,10 +497,11 @@ def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
         "test_acc_at_best_val": best["test_acc"],
         "sparsity": {k: v for k, v in report.items() if k != "layers"} if report else None,
         "collapsed": last.get("collapsed"), "collapsed_layers": last.get("collapsed_layers"),
-        **count_params_and_macs(model, loaders.input_shape),
-        "wall_time_s": round(state["wall_time_s"] if state["epoch"] else elapsed, 3),
+        **macs_from_positions(model, positions),
+        "wall_time_s": wall,
         "device": device, "world_size": accelerator.num_processes,
         "nonfinite_steps": state["nonfinite_steps"],  # skipped (train.max_nonfinite_steps)
+        **compute.result_fields(state["compute"], wall, parent),
     }
 
 

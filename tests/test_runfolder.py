@@ -24,7 +24,7 @@ from bip.train import main, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.dataset=synthetic", "data.synthetic_size=256", "data.batch_size=32", "train.epochs=2"]
-TIME_KEYS = ("time_s", "wall_time_s")
+TIME_KEYS = ("time_s", "wall_time_s", "lineage_wall_time_s")
 
 
 def final_state(run_dir: Path) -> dict:
