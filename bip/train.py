@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bip import checkpoint, collapse, compute, identity, masking, runfolder
+from bip import checkpoint, collapse, compute, identity, imp, masking, runfolder
 from bip.config import Config, config_from_argv
 from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
@@ -101,16 +101,18 @@ def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
         load_source(cfg, model, source)
     elif cfg.run.stage != "pretrain" and not (own or seed_ckpt):
         raise BipError(f"stage {cfg.run.stage} needs a source: --source-net CKPT or run.parent=RUN_ID")
-    rewind = None
+    parent = parent_result(source)
+    imp_source = None
     if cfg.run.stage == "prune" and cfg.prune.method == "imp":
-        rewind = checkpoint.source_state(_rewind_path(cfg, source))[0]
-    method = create_method(cfg, model, rewind)
+        density, round_, rewind = imp.source(source, parent)
+        imp_source = imp.Source(density, round_, checkpoint.source_state(rewind)[0])
+    method = create_method(cfg, model, imp_source)
     loaders = build_loaders(cfg.data, spec, seed=cfg.run.seed, streams=method.streams,
                             rank=accelerator.process_index, world=accelerator.num_processes,
                             device=accelerator.device)
     method.attach(accelerator.prepare_model(model) if accelerator.num_processes > 1 else model,
                   accelerator)
-    return _Job(model, method, loaders, seed_ckpt, parent_result(source))
+    return _Job(model, method, loaders, seed_ckpt, parent)
 
 
 def _claim(folder: runfolder.RunFolder, accelerator) -> dict | None:
@@ -237,7 +239,7 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         last.update(collapse.record(method.core, loaders.input_shape, "mask", log.line))
         collapse.enforce(last, cfg.prune.on_collapse, "mask")
         folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
-    result = _result(cfg, model, positions, state, last, accelerator, time.time() - start_time,
+    result = _result(cfg, method, model, positions, state, last, accelerator, time.time() - start_time,
                      job.parent_result)
     layers = masking.masked_layers(model)
     mask = _mask_file(cfg, model, result["sparsity"]) if layers else None
@@ -357,16 +359,6 @@ def model_input(cfg: Config, spec):
     return dataclasses.replace(spec, **changes)
 
 
-def _rewind_path(cfg: Config, source: Path | None) -> Path:
-    if source is None:
-        raise BipError("imp needs a source run (its rewind.pt holds the early weights)")
-    path = source.with_name(identity.REWIND)
-    if not path.is_file():
-        raise BipError(f"imp rewinds to the source run's early weights, but {path} does not exist "
-                       "(pretrain writes it at train.rewind_epoch)")
-    return path
-
-
 def rewind_epoch(cfg: Config) -> int:
     """The pretrain epoch saved for IMP's rewinding (default: 5% of training, at least 1)."""
     if cfg.train.rewind_epoch >= 0:
@@ -482,7 +474,7 @@ def _resume(ckpt: dict, path: Path, method) -> dict:
     return state
 
 
-def _result(cfg, model, positions, state, last, accelerator, elapsed, parent: dict | None) -> dict:
+def _result(cfg, method, model, positions, state, last, accelerator, elapsed, parent: dict | None) -> dict:
     best = state["best"]
     wall = round(state["wall_time_s"] if state["epoch"] else elapsed, 3)
     report = masking.sparsity_report(model) if masking.masked_layers(model) else None
@@ -501,6 +493,7 @@ def _result(cfg, model, positions, state, last, accelerator, elapsed, parent: di
         "wall_time_s": wall,
         "device": device, "world_size": accelerator.num_processes,
         "nonfinite_steps": state["nonfinite_steps"],  # skipped (train.max_nonfinite_steps)
+        "imp_round": getattr(method, "round", None),  # bip/imp.py: 1, 2, ... along the lineage
         **compute.result_fields(state["compute"], wall, parent),
     }
 

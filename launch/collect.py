@@ -47,14 +47,14 @@ COLUMNS = (
     "status", "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
-    *EXPORT_COLUMNS, "collapsed", "epochs", *COMPUTE_COLUMNS, "device", "world_size", "git_sha", "git_dirty",
+    *EXPORT_COLUMNS, "collapsed", "imp_round", "epochs", *COMPUTE_COLUMNS, "device", "world_size", "git_sha", "git_dirty",
     "slurm_job_id", "host", "started", "code_changed", "error", "path",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
 _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
     "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
-    "params_dense", "params_effective", "macs_dense", "macs_effective", "collapsed", "epochs",
+    "params_dense", "params_effective", "macs_dense", "macs_effective", "collapsed", "imp_round", "epochs",
     *COMPUTE_COLUMNS, "device", "world_size",
 )
 _CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
