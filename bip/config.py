@@ -209,8 +209,10 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model (in place; one graph per pass kind)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: debugging)
     checkpoint_every_min: float = 30.0  # a step checkpoint at least this often (a kill loses less)
+    log_with: str = "none"          # none | tensorboard | wandb: per-epoch metrics to a tracker (bip.tracking)
 
     def __post_init__(self):
+        _check_choice("train.log_with", self.log_with, ("none", "tensorboard", "wandb"))
         if self.mixed_precision == "no":  # accelerate's spelling
             object.__setattr__(self, "mixed_precision", "fp32")
         _check_choice("train.mixed_precision", self.mixed_precision, ("fp32", "bf16"))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bip import checkpoint, collapse, compute, identity, imp, masking, runfolder
+from bip import checkpoint, collapse, compute, identity, imp, masking, runfolder, tracking
 from bip.config import Config, config_from_argv
 from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
@@ -67,11 +67,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
         state = _restore(cfg, folder, job, accelerator)
         folder.start(identity.config_yaml(cfg, provenance(accelerator)), _start_entry(cfg, state),
                      state["epoch"])
+        job.tracker = tracking.open_tracker(cfg, run_dir, identity.run_id(cfg), accelerator.is_main_process)
         return _train(cfg, folder, job, state, accelerator, hook)
     except Exception as err:
         folder.fail(err, accelerator.process_index)
         raise
     finally:
+        job.tracker.close()
         folder.release()
 
 
@@ -81,12 +83,14 @@ class _Job:
     def __init__(self, model, method, loaders, seed_ckpt, parent_result):
         self.model, self.method, self.loaders, self.seed_ckpt = model, method, loaders, seed_ckpt
         self.parent_result = parent_result  # the parent's published result.json (lineage compute)
+        self.tracker = tracking.Tracker()   # train.log_with's, opened once the folder is ours
 
 
 def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
     seed_everything(cfg.run.seed, cfg.train.deterministic)
     # Cheap checks first: a typo should not wait for the dataset to load.
     model_builder(cfg.model.arch)
+    tracking.check(cfg)
     source = source_path(cfg, Path(cfg.run.result_dir))
     own = (run_dir / identity.CHECKPOINT).is_file()
     seed_ckpt = _seed_checkpoint(cfg) if cfg.run.resume and not own else None
@@ -226,6 +230,7 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         state.update(epoch=epoch + 1, step_in_epoch=0, totals={}, epoch_time_s=0.0)
         if main:
             _append_metrics(folder.path / identity.METRICS, last)
+            job.tracker.log(last, epoch + 1)
             log.line(f"epoch {epoch + 1}/{epochs} " + _summary(last))
         folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
         cadence.saved()
@@ -238,6 +243,7 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         last = _evaluate(model, loaders, accelerator, cfg)
         last.update(collapse.record(method.core, loaders.input_shape, "mask", log.line))
         collapse.enforce(last, cfg.prune.on_collapse, "mask")
+        job.tracker.log(last, 0)
         folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
     result = _result(cfg, method, model, positions, state, last, accelerator, time.time() - start_time,
                      job.parent_result)
