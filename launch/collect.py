@@ -77,7 +77,8 @@ def _collect(root: Path, plots: bool, out: Path | None) -> tuple[Path, list[dict
         entries = plotting.summarize(rows)
         write_atomic(root / SUMMARY, plotting.summary_markdown(entries).encode())
         out_dir = Path(out) if out is not None else root / "plots"
-        for name, png in plotting.render_panels(entries).items():
+        # + accuracy vs lineage compute, where the runs report it (bip/compute.py)
+        for name, png in {**plotting.render_panels(entries), **plotting.render_compute(entries)}.items():
             write_atomic(out_dir / name, png)
     return index, rows
 

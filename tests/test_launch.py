@@ -377,6 +377,15 @@ def test_imp_levels_train_each_round_once_and_index_one_row_per_round(tmp_path, 
     assert float(by_round["3"]["lineage_train_passes"]) == \
         sum(float(r["train_passes"]) for r in rows) + float(next(
             r for r in csv.DictReader(open(root / "index.csv")) if r["stage"] == "pretrain")["train_passes"])
+    # The lineage is one curve; the compute plot exists for it (launch/plots.py, any index).
+    from launch import plots
+    entries = [e for e in plots.summarize(plots.read_index(root / "index.csv")) if e["method"] == "imp"]
+    assert [(e["curve"], e["k"]) for e in entries] == [("imp", 0.8), ("imp", 0.64), ("imp", 0.512)]
+    out = subprocess.run([sys.executable, REPO / "launch" / "plots.py", root / "index.csv", "--out",
+                          tmp_path / "figs"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == \
+        ["synthetic-resnet20s-unstructured-compute.png", "synthetic-resnet20s-unstructured.png"]
     # Another grid on the same root going further reuses the rounds it passes through.
     more = write_grid(tmp_path, name="more", **{**imp_grid, "axes": {"method": ["imp"], "k": [0.64, 0.4],
                                                                      "seed": [1]}})
