@@ -285,10 +285,17 @@ def render_compute(entries: list[dict]) -> dict[str, bytes]:
         for e in points:
             by_curve["dense" if e["method"] == "dense" else e["curve"]].append(e)
         for curve, group in sorted(by_curve.items()):
-            group.sort(key=lambda e: e["lineage_train_passes_mean"])
-            ax.errorbar([e["lineage_train_passes_mean"] for e in group], [e["test_acc_mean"] for e in group],
-                        yerr=[e["test_acc_std"] for e in group], marker="s" if curve == "dense" else "o",
-                        ms=4, capsize=3, ls="none" if curve == "dense" else "-", label=curve)
+            group.sort(key=lambda e: -_number(e["k"], 1.0))
+            xs = [e["lineage_train_passes_mean"] for e in group]
+            # A line only where compute grows as k falls (an IMP lineage); elsewhere the points
+            # of one curve may share their compute, and each is labelled with its k.
+            line = "-" if len(xs) > 1 and all(a < b for a, b in zip(xs, xs[1:])) else "none"
+            ax.errorbar(xs, [e["test_acc_mean"] for e in group], yerr=[e["test_acc_std"] for e in group],
+                        marker="s" if curve == "dense" else "o", ms=4, capsize=3, ls=line, label=curve)
+            for e in group:
+                if curve != "dense":
+                    ax.annotate(f"{e['k']:g}", (e["lineage_train_passes_mean"], e["test_acc_mean"]),
+                                xytext=(4, 2), textcoords="offset points", fontsize=6, color="0.3")
         _mark_collapsed(ax, points, lambda e: e["lineage_train_passes_mean"])
         ax.set_xscale("log")
         ax.set_xlabel("training passes over examples, whole lineage (pretrain + prune + finetune)")
