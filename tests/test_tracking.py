@@ -44,3 +44,9 @@ def test_a_missing_tracker_library_is_one_line_and_touches_nothing(tmp_path, cap
     assert code == 2 and err == ["error: train.log_with=wandb needs the wandb package: "
                                  "pip install -e '.[wandb]' (or train.log_with=none)"]
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unknown_tracker_is_a_config_error():
+    from bip.errors import BipError
+    with pytest.raises(BipError, match="train.log_with='mlflow' is not valid; choose one of: none, tensorboard, wandb"):
+        load_config([], TINY + ["train.log_with=mlflow"])
