@@ -50,3 +50,13 @@ def test_an_unknown_tracker_is_a_config_error():
     from bip.errors import BipError
     with pytest.raises(BipError, match="train.log_with='mlflow' is not valid; choose one of: none, tensorboard, wandb"):
         load_config([], TINY + ["train.log_with=mlflow"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb extra not installed")
+def test_wandb_logs_offline_into_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # bip defaults to offline
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config([], TINY + [f"run.result_dir={tmp_path}", "train.log_with=wandb", "run.exp_name=mygrid"])
+    train(cfg)
+    runs = list((identity.run_dir(cfg) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
