@@ -96,12 +96,8 @@ class ModelConfig:
     skip_patch_embed: bool = False
 
     def __post_init__(self):
-        if self.input_size < 0:
-            raise BipError(f"model.input_size must be >= 0, got {self.input_size}")
-
-    def __post_init__(self):
         check_name("model.arch", self.arch)
-        _check_min(self, "model", 0, ("num_classes",))
+        _check_min(self, "model", 0, ("num_classes", "input_size"))
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def load_thinned(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if model is None:
         from bip.models import create_model
         meta = obj["meta"]
-        model = create_model(meta["arch"], meta["num_classes"], "dense")
+        model = create_model(meta["arch"], meta["num_classes"], "dense", **meta.get("model_options", {}))
     apply_spec(model, obj["spec"])
     try:
         model.load_state_dict(obj["state"])

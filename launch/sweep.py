@@ -4,8 +4,8 @@ duplicate cells (pure: reads the grid and its base configs, touches no run folde
 The format is launch/gridfile.py's. Config paths may hold ``{placeholders}`` (axis or ``set``
 keys); relative paths are looked up in the current directory, then in the repository.
 Precedence inside a stage: config files < ``set`` < stage ``set`` < axes < what the launcher
-owns (run.stage, run.parent, run.result_dir). A finetune copies prune.method / layer_type / k
-from its prune run; a child must share its parent's dataset, arch and seed.
+owns (run.stage, run.parent, run.result_dir). A finetune copies the fields that describe its
+mask (MASK_FIELDS) from its prune run; a child must share its parent's dataset, arch and seed.
 """
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ from pathlib import Path
 from bip import identity, imp
 from bip.config import FLAT_KEYS, Config, build_config, flatten_yaml, read_yaml
 from bip.errors import BipError
+
+# What a finetune inherits from its prune run: the method that made the mask and the mask's
+# shape rules (its N:M group size is what an export reads from the finetune's own meta).
+MASK_FIELDS = ("method", "layer_type", "k", "n", "m", "scope", "min_layer_keep", "skip")
 from bip.names import check_name, check_root
 from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key,
                              export_of, label, mapping, stages_of)
@@ -174,9 +178,8 @@ def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Pat
                 over.update({"run.parent": parent.key.split("/")[0], "run.source_net": ""})
             elif source:
                 over["run.source_net"] = source
-            if stage == "finetune":
-                over.update({f"prune.{k}": getattr(parent.cfg.prune, k)
-                             for k in ("method", "layer_type", "k")})
+            if stage == "finetune":  # the mask is the prune run's: so is everything describing it
+                over.update({f"prune.{k}": getattr(parent.cfg.prune, k) for k in MASK_FIELDS})
             base, named = bases.get(stage, cell)
             if stage == "prune" and not named and "prune.layer_type" not in over:
                 raise BipError(f"{where}: the prune stage needs prune.layer_type "

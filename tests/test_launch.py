@@ -118,6 +118,18 @@ def test_one_pretrain_per_seed_is_shared_and_finetune_follows_its_prune(tmp_path
         assert run.cfg.run.stage == "finetune" and run.key.startswith("synthetic-resnet20s-finetune-hydra-")
 
 
+def test_finetune_inherits_every_field_that_describes_its_mask(tmp_path):
+    # A 1:4 mask finetuned under the default 2:4 would record the wrong group size (the N:M
+    # export reads it), and prune settings set only on the prune stage would not describe it.
+    stages = {"pretrain": {}, "finetune": {"methods": ["hydra"]},
+              "prune": {"set": {"layer_type": "nm", "prune.n": 1, "prune.m": 4, "prune.skip": "first"}}}
+    plan = sweep.load_grid(write_grid(tmp_path, stages=stages, axes={"method": ["hydra"], "k": [0.25],
+                                                                     "seed": [1]}), tmp_path)
+    (prune,), (finetune,) = plan.runs["prune"], plan.runs["finetune"]
+    assert all(getattr(finetune.cfg.prune, f) == getattr(prune.cfg.prune, f) for f in sweep.MASK_FIELDS)
+    assert (finetune.cfg.prune.n, finetune.cfg.prune.m, finetune.cfg.prune.skip) == (1, 4, "first")
+
+
 def test_axis_scopes_keep_the_pretrain_shared(tmp_path):
     plan = sweep.load_grid(write_grid(tmp_path, axes={"k": [0.5], "optim.lr": [0.1, 0.01]}), tmp_path)
     assert len(plan.runs["pretrain"]) == 1 and len(plan.runs["prune"]) == 2
