@@ -92,10 +92,10 @@ class BipReference(Method):
         for p in self.bn:
             p.requires_grad_(True)
 
-    def _backward(self, x: torch.Tensor, y: torch.Tensor):
+    def _pass(self, x: torch.Tensor, y: torch.Tensor):
         with self._no_sync():
             loss, out = self._loss(x, y)
-            loss.backward()
+            self._backward(loss, y)
         all_reduce_grads(self.params)
         return loss, out
 
@@ -104,18 +104,18 @@ class BipReference(Method):
         # 1. lower level on V: scores frozen.
         self._trainable(scores=False, weights=True)
         self.lower.zero_grad(set_to_none=False)
-        self._backward(x_v, y_v)
+        self._pass(x_v, y_v)
         self.lower.step()
         self.refresh()
         # 2. full gradient gB on T, everything trainable.
         self._trainable(scores=True, weights=True)
         self.lower.zero_grad(set_to_none=False)
-        loss_t, _ = self._backward(x_t, y_t)
+        loss_t, _ = self._pass(x_t, y_t)
         g_full = {p: p.grad.clone() for p in self.params if p.grad is not None}
         # 3. prune gradient gM on the same T, weights and biases frozen.
         self._trainable(scores=True, weights=False)
         self.upper.zero_grad(set_to_none=False)
-        self._backward(x_t, y_t)
+        self._pass(x_t, y_t)
         # 4. slot-wise "implicit gradient": G = gM + (-lr2 * gM) * gB, in the released code's op
         #    order (another order rounds differently, which channel masks amplify).
         with torch.no_grad():
@@ -126,7 +126,7 @@ class BipReference(Method):
         self.refresh()
         # 5. the released code's logging forward (moves BN running statistics once more).
         with torch.no_grad(), self._autocast():
-            out = self.model(x_t)
+            out = self._forward(x_t)
         return self._stats(loss_t, out, y_t)
 
 
@@ -157,7 +157,7 @@ class HydraReference(Method):
         with self._no_sync():
             loss, out = self._loss(x, y)
             self.opt.zero_grad(set_to_none=False)
-            loss.backward()
+            self._backward(loss, y)
         all_reduce_grads(self.params)
         self.opt.step()
         masking.refresh_masks(self.core, self.cfg.prune.k, rule="reference")

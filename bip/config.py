@@ -211,8 +211,10 @@ class TrainConfig:
     # the Slurm profile (nodes x tasks_per_node) by the launcher; train() checks it.
     world_size: int = 1
     sync_bn: bool = False           # under DDP: BatchNorm -> SyncBatchNorm (global batch statistics)
+    log_with: str = "none"          # none | tensorboard | wandb: per-epoch metrics to a tracker (bip.tracking)
 
     def __post_init__(self):
+        _check_choice("train.log_with", self.log_with, ("none", "tensorboard", "wandb"))
         if self.mixed_precision == "no":  # accelerate's spelling
             object.__setattr__(self, "mixed_precision", "fp32")
         _check_choice("train.mixed_precision", self.mixed_precision, ("fp32", "bf16"))

@@ -33,6 +33,13 @@ TOLERANCE = 1e-4
 
 @torch.no_grad()
 def count_params_and_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    return macs_from_positions(model, layer_positions(model, input_shape))
+
+
+@torch.no_grad()
+def layer_positions(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[int, int]:
+    """{id(conv / linear module): output positions per sample} from one eval forward of a zero
+    batch of one (masks do not change positions, so a training run measures them once)."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     attention = [m for m in model.modules() if isinstance(m, MaskedMultiheadAttention)]
     positions: dict[int, int] = {}
@@ -59,6 +66,14 @@ def count_params_and_macs(model: nn.Module, input_shape: tuple[int, int, int]) -
         model.train(was_training)
         for h in handles:
             h.remove()
+    return positions
+
+
+@torch.no_grad()
+def macs_from_positions(model: nn.Module, positions: dict[int, int]) -> dict[str, int]:
+    """Parameter and MAC counts, dense and effective (the masks as they are now; reads the
+    mask counts, so it waits for the device: not for the hot path)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     kept_of = {id(m): int(m.mask.count_nonzero()) for m in layers if isinstance(m, MaskedLayer)}
     params_dense = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))
     pruned = sum(m.weight.numel() - kept_of[id(m)] for m in layers if id(m) in kept_of)

@@ -46,6 +46,7 @@ _NOT_HASHED = {
     "prune.on_collapse",  # likewise: whether a disconnected network stops the run
     # How fast the same computation runs (bip.speed): round-off only, like the device.
     "train.channels_last", "train.compile", "train.compile_backend",
+    "train.log_with",  # where the metrics are also sent, not what they are
 }
 _PAPER_ONLY = {"bip.alpha", "bip.beta", "bip.gamma", "bip.lower_wd", "bip.upper_wd", "bip.momentum"}
 _REFERENCE_ONLY = {"bip.lr2", "bip.mask_lr", "bip.mask_lr_schedule"}

@@ -13,7 +13,7 @@ tensors (loss, correct, n) so the loop syncs with the device only when it logs.
 | bip      | lower: weights on batch V; upper: scores | top-k of |scores|, every step        |
 | omp      | nothing (one-shot, finetune afterwards)  | magnitude (global, per layer or N:M) |
 | random   | nothing (one-shot, finetune afterwards)  | random                               |
-| imp      | weights, round after round               | -20% of the remaining by magnitude   |
+| imp      | weights, one round per run (bip/imp.py)  | -20% of the parent's by magnitude    |
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bip import gsync, masking
+from bip import gsync, imp, masking
 from bip.config import Config
 from bip.errors import BipError
 from bip.optim import lr_at, make_optimizer, set_lr
@@ -70,6 +70,9 @@ class Method:
         last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.num_classes = last_linear[-1].out_features if last_linear else 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # Training examples through a forward / a backward of the model on this process since
+        # the last take_passes(): host ints from batch shapes, so counting never syncs.
+        self._passes = [0, 0]
         if cfg.run.stage == "prune":  # skip, N:M groups, budget scope and floor of this run
             masking.configure(model, cfg.prune)
 
@@ -85,6 +88,11 @@ class Method:
 
     def step(self, batches: list[Batch], progress: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def take_passes(self) -> tuple[int, int]:
+        """(forward, backward) example passes on this process since the last call."""
+        passes, self._passes = tuple(self._passes), [0, 0]
+        return passes
 
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
@@ -103,9 +111,19 @@ class Method:
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
-            out = self.model(x)
+            out = self._forward(x)
             loss = F.cross_entropy(out, y, label_smoothing=self.cfg.train.label_smoothing)
         return loss, out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every training forward goes through here (counted)."""
+        self._passes[0] += x.shape[0]
+        return self.model(x)
+
+    def _backward(self, loss: torch.Tensor, y: torch.Tensor) -> None:
+        """Every training backward goes through here (counted: len(y) examples)."""
+        self._passes[1] += y.shape[0]
+        loss.backward()
 
     @staticmethod
     def _stats(loss, out, y) -> dict[str, torch.Tensor]:
@@ -119,7 +137,7 @@ class Method:
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         loss, out = self._loss(*batch)
-        loss.backward()
+        self._backward(loss, batch[1])
         opt.step()
         return self._stats(loss, out, batch[1])
 
@@ -202,7 +220,7 @@ class BipPaper(Method):
         self.lower.zero_grad(set_to_none=True)
         with masking.grad_target(self.core, "weights"), self._no_sync():
             loss_v, _ = self._loss(x_v, y_v)
-            loss_v.backward()
+            self._backward(loss_v, y_v)
         all_reduce_grads(self.theta)
         self.lower.step()
 
@@ -212,7 +230,7 @@ class BipPaper(Method):
         sink = gsync.GReducer(self.ig_coeff) if gsync.distributed() else None
         with masking.grad_target(self.core, "scores", self.ig_coeff, sink), self._no_sync():
             loss_t, out = self._loss(x_t, y_t)
-            loss_t.backward()
+            self._backward(loss_t, y_t)
         if sink is not None:
             sink.finish()
         self.upper.step()
@@ -237,39 +255,26 @@ class OneShot(Method):
 
 
 class Imp(Dense):
-    """IMP with rewinding: each round prunes prune.imp_rate of the remaining weights by
-    global magnitude, rewinds to the source run's early weights (rewind.pt) and retrains for
-    train.epochs; the last round lands exactly on k. One run holds all rounds."""
+    """One IMP round (bip/imp.py): from the parent's trained weights and mask, prune by global
+    magnitude down to prune.k (at most prune.imp_rate of what the parent kept; pruned weights
+    rank last, so masks are nested), rewind to the pretrain's early weights (rewind.pt) and
+    retrain for train.epochs with a fresh optimizer."""
 
-    def __init__(self, cfg: Config, model: nn.Module, rewind_state: dict[str, torch.Tensor]):
+    def __init__(self, cfg: Config, model: nn.Module, source: "imp.Source"):
         super().__init__(cfg, model)
         if cfg.train.epochs < 1:
             raise BipError("imp needs train.epochs >= 1 (epochs per round)")
-        self.rewind_state = _rewind_weights(model, rewind_state)
-        self.rounds = imp_rounds(cfg.prune.k, cfg.prune.imp_rate)
-
-    def epochs(self) -> int:
-        return self.rounds * self.cfg.train.epochs
-
-    def density(self, round_: int) -> float:
-        return self.cfg.prune.k if round_ == self.rounds - 1 else (1 - self.cfg.prune.imp_rate) ** (round_ + 1)
-
-    def on_epoch_start(self, epoch: int) -> None:
-        if epoch % self.cfg.train.epochs:
-            return
+        imp.check_step(cfg.prune.k, cfg.prune.imp_rate, source.density, source.round)
+        self.round = source.round + 1
+        rewind_state = _rewind_weights(model, source.rewind)
         with torch.no_grad():
-            for _, m in masking.masked_layers(self.core):
+            for _, m in masking.masked_layers(model):
                 m.scores.copy_(m.weight.abs() * m.mask)  # pruned weights rank last
-        masking.refresh_masks(self.core, self.density(epoch // self.cfg.train.epochs))
+        masking.refresh_masks(model, cfg.prune.k)
         # Scores and masks are this run's own (the rewind source is dense); everything else was
-        # checked to be present at construction, so a partial rewind cannot pass unnoticed.
-        self.core.load_state_dict(self.rewind_state, strict=False)
-        masking.zero_pruned_weights(self.core)
-        self.opt.state.clear()  # a new round starts with fresh momentum
-
-    def step(self, batches, progress):
-        round_epochs = self.cfg.train.epochs
-        return self._sgd_step(self.opt, batches[0], self._lr(progress % round_epochs, round_epochs))
+        # checked to be present, so a partial rewind cannot pass unnoticed.
+        model.load_state_dict(rewind_state, strict=False)
+        masking.zero_pruned_weights(model)
 
 
 def _rewind_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -288,12 +293,7 @@ def _rewind_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     return state
 
 
-def imp_rounds(k: float, rate: float) -> int:
-    """Rounds of pruning ``rate`` of the remainder needed to reach density k (>= 1)."""
-    return max(1, math.ceil(math.log(k) / math.log(1 - rate) - 1e-9))
-
-
-def create_method(cfg: Config, model: nn.Module, rewind_state: dict | None = None) -> Method:
+def create_method(cfg: Config, model: nn.Module, imp_source: "imp.Source | None" = None) -> Method:
     """The Method for this run's stage and prune.method."""
     if cfg.run.stage in ("pretrain", "finetune"):
         return Dense(cfg, model)
@@ -311,7 +311,7 @@ def create_method(cfg: Config, model: nn.Module, rewind_state: dict | None = Non
     if method in ("omp", "random"):
         return OneShot(cfg, model)
     if method == "imp":
-        if rewind_state is None:
+        if imp_source is None:
             raise BipError("imp needs the source run's rewind.pt (written by pretrain)")
-        return Imp(cfg, model, rewind_state)
+        return Imp(cfg, model, imp_source)
     raise BipError(f"unknown method {method!r}")

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bip import checkpoint, collapse, identity, masking, runfolder, world
+from bip import checkpoint, collapse, compute, identity, imp, masking, runfolder, tracking, world
 from bip.config import Config, config_from_argv
 from bip.data import check_dataset, describe_dataset, load_dataset
 from bip.data.loaders import build_loaders
 from bip.errors import BipError
-from bip.export import count_params_and_macs
+from bip.export import layer_positions, macs_from_positions
 from bip.methods import autocast, create_method
 from bip.models import create_model, model_builder, model_options
 from bip.models.external import input_defaults, is_external
@@ -67,19 +67,23 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
         state = _restore(cfg, folder, job, accelerator)
         folder.start(identity.config_yaml(cfg, provenance(accelerator)), _start_entry(cfg, state),
                      state["epoch"])
+        job.tracker = tracking.open_tracker(cfg, run_dir, identity.run_id(cfg), accelerator.is_main_process)
         return _train(cfg, folder, job, state, accelerator, hook)
     except Exception as err:
         folder.fail(err, accelerator.process_index)
         raise
     finally:
+        job.tracker.close()
         folder.release()
 
 
 class _Job:
     """What a run is made of (built and validated before the folder is touched)."""
 
-    def __init__(self, model, method, loaders, seed_ckpt):
+    def __init__(self, model, method, loaders, seed_ckpt, parent_result):
         self.model, self.method, self.loaders, self.seed_ckpt = model, method, loaders, seed_ckpt
+        self.parent_result = parent_result  # the parent's published result.json (lineage compute)
+        self.tracker = tracking.Tracker()   # train.log_with's, opened once the folder is ours
 
 
 def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
@@ -87,6 +91,7 @@ def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
     seed_everything(cfg.run.seed, cfg.train.deterministic)
     # Cheap checks first: a typo should not wait for the dataset to load.
     model_builder(cfg.model.arch)
+    tracking.check(cfg)
     source = source_path(cfg, Path(cfg.run.result_dir))
     own = (run_dir / identity.CHECKPOINT).is_file()
     seed_ckpt = _seed_checkpoint(cfg) if cfg.run.resume and not own else None
@@ -102,16 +107,18 @@ def _build(cfg: Config, run_dir: Path, accelerator) -> _Job:
         load_source(cfg, model, source)
     elif cfg.run.stage != "pretrain" and not (own or seed_ckpt):
         raise BipError(f"stage {cfg.run.stage} needs a source: --source-net CKPT or run.parent=RUN_ID")
-    rewind = None
+    parent = parent_result(source)
+    imp_source = None
     if cfg.run.stage == "prune" and cfg.prune.method == "imp":
-        rewind = checkpoint.source_state(_rewind_path(cfg, source))[0]
-    method = create_method(cfg, model, rewind)
+        density, round_, rewind = imp.source(source, parent)
+        imp_source = imp.Source(density, round_, checkpoint.source_state(rewind)[0])
+    method = create_method(cfg, model, imp_source)
     loaders = build_loaders(cfg.data, spec, seed=cfg.run.seed, streams=method.streams,
                             rank=accelerator.process_index, world=accelerator.num_processes,
                             device=accelerator.device)
     method.attach(accelerator.prepare_model(model) if accelerator.num_processes > 1 else model,
                   accelerator)
-    return _Job(model, method, loaders, seed_ckpt)
+    return _Job(model, method, loaders, seed_ckpt, parent)
 
 
 def _claim(folder: runfolder.RunFolder, accelerator) -> dict | None:
@@ -150,7 +157,7 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Job, accelerator) -
         usable = box[0]
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "totals": {}, "epoch_time_s": 0.0,
              "best": {"val_acc": -1.0, "epoch": 0, "test_acc": None}, "wall_time_s": 0.0,
-             "resumed_from": None, "nonfinite_steps": 0}
+             "resumed_from": None, "nonfinite_steps": 0, "compute": compute.new()}
     if usable:
         ckpt = ckpt if ckpt is not None else checkpoint.load(own, "checkpoint")
         world.check_checkpoint(ckpt.get("meta"), cfg, own)
@@ -191,6 +198,8 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
     cadence = runfolder.Cadence(cfg.train.checkpoint_every_min, accelerator.num_processes)
     guard = NonFiniteGuard(method.core, method.optimizers.values(), cfg.train.max_nonfinite_steps,
                            accelerator.device, state["nonfinite_steps"])
+    positions = layer_positions(model, loaders.input_shape)  # for the MACs of each epoch
+    world = accelerator.num_processes
     last = None
     for epoch in range(state["epoch"], epochs):
         t0, first = time.time(), state["step_in_epoch"]
@@ -204,6 +213,7 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
             guard.before_step()
             stats = method.step(list(batch), epoch + i / steps)
             guard.after_step(stats["loss"], state["step"])
+            compute.add_step(state["compute"], method.take_passes(), world)
             state["totals"] = {k: state["totals"].get(k, 0) + v for k, v in stats.items()}
             state["step"], state["step_in_epoch"] = state["step"] + 1, i + 1
             if state["step"] % cfg.run.print_freq == 0:  # a logging point: the one sync allowed
@@ -218,12 +228,15 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         last.update(epoch=epoch + 1, step=state["step"], time_s=round(state["epoch_time_s"], 3),
                     train_loss=_mean(totals, "loss"), train_acc=_mean(totals, "correct"))
         last.update(collapse.record(method.core, loaders.input_shape, f"epoch {epoch + 1}", log.line))
+        compute.close_epoch(state["compute"], macs_from_positions(model, positions)["macs_effective"])
+        last.update(compute.epoch_fields(state["compute"]))
         if last.get("val_acc", -1.0) > state["best"]["val_acc"]:
             state["best"] = {"val_acc": last["val_acc"], "epoch": epoch + 1, "test_acc": last["test_acc"]}
         state["wall_time_s"] += state["epoch_time_s"]
         state.update(epoch=epoch + 1, step_in_epoch=0, totals={}, epoch_time_s=0.0)
         if main:
             _append_metrics(folder.path / identity.METRICS, last)
+            job.tracker.log(last, epoch + 1)
             log.line(f"epoch {epoch + 1}/{epochs} " + _summary(last))
         folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
         cadence.saved()
@@ -236,8 +249,10 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
         last = _evaluate(model, loaders, accelerator, cfg)
         last.update(collapse.record(method.core, loaders.input_shape, "mask", log.line))
         collapse.enforce(last, cfg.prune.on_collapse, "mask")
+        job.tracker.log(last, 0)
         folder.save(identity.CHECKPOINT, _checkpoint(cfg, method, state))
-    result = _result(cfg, model, loaders, state, last, accelerator, time.time() - start_time)
+    result = _result(cfg, method, model, positions, state, last, accelerator, time.time() - start_time,
+                     job.parent_result)
     layers = masking.masked_layers(model)
     mask = _mask_file(cfg, model, result["sparsity"]) if layers else None
     result = folder.publish(_final(cfg, method), result, mask)
@@ -298,6 +313,18 @@ def source_path(cfg: Config, root: Path) -> Path | None:
     return _published(parent, f"parent run {cfg.run.parent} (seed {cfg.run.seed})")
 
 
+def parent_result(source: Path | None) -> dict | None:
+    """The published result.json next to the source model (a parent run's folder), or None for
+    a source that is not a finished bip run (a plain weights file)."""
+    if source is None:
+        return None
+    try:
+        doc = json.loads((source.parent / identity.RESULT).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("status") == "done" else None
+
+
 def _published(run_dir: Path, what: str) -> Path:
     found = runfolder.inspect(run_dir)
     if found.state != "done":
@@ -342,16 +369,6 @@ def model_input(cfg: Config, spec):
     if spec.style == "imagenet" and not cfg.data.image_size:
         changes["image_size"] = cfg.model.input_size or native.size
     return dataclasses.replace(spec, **changes)
-
-
-def _rewind_path(cfg: Config, source: Path | None) -> Path:
-    if source is None:
-        raise BipError("imp needs a source run (its rewind.pt holds the early weights)")
-    path = source.with_name(identity.REWIND)
-    if not path.is_file():
-        raise BipError(f"imp rewinds to the source run's early weights, but {path} does not exist "
-                       "(pretrain writes it at train.rewind_epoch)")
-    return path
 
 
 def rewind_epoch(cfg: Config) -> int:
@@ -411,7 +428,7 @@ def _checkpoint(cfg: Config, method, state: dict) -> dict:
             "epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"],
             "totals": world.reduce_totals(state["totals"]), "epoch_time_s": state["epoch_time_s"],
             "best": state["best"], "wall_time_s": state["wall_time_s"],
-            "nonfinite_steps": state["nonfinite_steps"],
+            "nonfinite_steps": state["nonfinite_steps"], "compute": dict(state["compute"]),
             "meta": _meta(cfg, method.num_classes)}
 
 
@@ -470,12 +487,14 @@ def _resume(ckpt: dict, path: Path, method) -> dict:
         raise BipError(f"{path} holds an unusable RNG state ({type(err).__name__})") from None
     # Mid-epoch fields (checkpoints of epoch ends from before step checkpoints lack them).
     state.update(step_in_epoch=ckpt.get("step_in_epoch", 0), totals=dict(ckpt.get("totals", {})),
-                 epoch_time_s=ckpt.get("epoch_time_s", 0.0), nonfinite_steps=int(ckpt.get("nonfinite_steps", 0)))
+                 epoch_time_s=ckpt.get("epoch_time_s", 0.0), nonfinite_steps=int(ckpt.get("nonfinite_steps", 0)),
+                 compute={**compute.new(), **ckpt.get("compute", {})})
     return state
 
 
-def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
+def _result(cfg, method, model, positions, state, last, accelerator, elapsed, parent: dict | None) -> dict:
     best = state["best"]
+    wall = round(state["wall_time_s"] if state["epoch"] else elapsed, 3)
     report = masking.sparsity_report(model) if masking.masked_layers(model) else None
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     return {
@@ -488,11 +507,13 @@ def _result(cfg, model, loaders, state, last, accelerator, elapsed) -> dict:
         "test_acc_at_best_val": best["test_acc"],
         "sparsity": {k: v for k, v in report.items() if k != "layers"} if report else None,
         "collapsed": last.get("collapsed"), "collapsed_layers": last.get("collapsed_layers"),
-        **count_params_and_macs(model, loaders.input_shape),
-        "wall_time_s": round(state["wall_time_s"] if state["epoch"] else elapsed, 3),
+        **macs_from_positions(model, positions),
+        "wall_time_s": wall,
         "device": device, "world_size": accelerator.num_processes,
         "global_batch_size": identity.global_batch_size(cfg),
         "nonfinite_steps": state["nonfinite_steps"],  # skipped (train.max_nonfinite_steps)
+        "imp_round": getattr(method, "round", None),  # bip/imp.py: 1, 2, ... along the lineage
+        **compute.result_fields(state["compute"], wall, parent),
     }
 
 

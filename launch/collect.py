@@ -40,20 +40,23 @@ EXPORT, EXPORT_COLUMNS = "export.json", (
     "params_thin", "macs_thin", "latency_ms", "latency_ms_dense", "speedup", "latency_batch",
     "latency_device")
 STATUSES = run_state.STATES
+# bip/compute.py: this run's training passes, FLOPs and seconds, and its lineage's.
+COMPUTE_COLUMNS = ("train_passes", "train_forward_passes", "train_backward_passes", "train_flops",
+                   "wall_time_s", "lineage_train_passes", "lineage_train_flops", "lineage_wall_time_s")
 COLUMNS = (
     "status", "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
-    *EXPORT_COLUMNS, "epochs", "wall_time_s", "device", "world_size", "global_batch_size", "git_sha",
-    "git_dirty",
+    *EXPORT_COLUMNS, "collapsed", "imp_round", "epochs", *COMPUTE_COLUMNS, "device", "world_size",
+    "global_batch_size", "git_sha", "git_dirty",
     "slurm_job_id", "host", "started", "code_changed", "error", "path",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
 _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
     "stage", "method", "dataset", "arch", "layer_type", "k", "seed", "run_id", "parent_id",
     "test_acc", "test_top5", "val_acc", "best_val_acc", "best_epoch", "test_acc_at_best_val",
-    "params_dense", "params_effective", "macs_dense", "macs_effective", "epochs", "wall_time_s",
-    "device", "world_size", "global_batch_size",
+    "params_dense", "params_effective", "macs_dense", "macs_effective", "collapsed", "imp_round", "epochs",
+    *COMPUTE_COLUMNS, "device", "world_size", "global_batch_size",
 )
 _CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
 _STAGE_ORDER = {"pretrain": 0, "prune": 1, "finetune": 2}
@@ -75,7 +78,8 @@ def _collect(root: Path, plots: bool, out: Path | None) -> tuple[Path, list[dict
         entries = plotting.summarize(rows)
         write_atomic(root / SUMMARY, plotting.summary_markdown(entries).encode())
         out_dir = Path(out) if out is not None else root / "plots"
-        for name, png in plotting.render_panels(entries).items():
+        # + accuracy vs lineage compute, where the runs report it (bip/compute.py)
+        for name, png in {**plotting.render_panels(entries), **plotting.render_compute(entries)}.items():
             write_atomic(out_dir / name, png)
     return index, rows
 

@@ -106,7 +106,9 @@ def stages_of(value: Any, where: str) -> dict[str, dict]:
             configs = spec.get("configs") or []
             if not isinstance(configs, list) or not all(isinstance(c, str) for c in configs):
                 raise BipError(f"{where}: stages.{stage}.configs must be a list of paths")
-            methods = spec.get("methods", list(METHODS))
+            # IMP rounds already retrain (each round trains its masked weights from the rewind
+            # point): no finetune unless a grid names imp here.
+            methods = spec.get("methods", [m for m in METHODS if m != "imp"])
             if not isinstance(methods, list) or not set(methods) <= set(METHODS):
                 raise BipError(f"{where}: stages.finetune.methods must list some of: {', '.join(METHODS)}")
             out[stage] = {**spec, "configs": configs, "methods": methods}

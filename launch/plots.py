@@ -20,8 +20,12 @@ import re
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
-from bip.errors import BipError
+if __package__ in (None, ""):  # run as `python launch/plots.py`: make `bip` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bip.errors import BipError  # noqa: E402
 
 # Sparsity ticks (percent) the x axis may label; -log10(k) spreads 20 % ... 99.9 % evenly.
 _TICKS = (0, 20, 50, 70, 80, 90, 95, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99)
@@ -65,6 +69,10 @@ def _curves(rows: list[dict]) -> dict[tuple, dict]:
     def lineage(row: dict, prefix: str) -> tuple:
         seed = str(row.get("path", "/")).split("/")[-1]
         parent = by_path.get(f"{row.get('parent_id')}/{seed}") if row.get("parent_id") else None
+        if parent is not None and parent.get("stage") == row.get("stage"):
+            # An IMP round's parent is the round before (bip/imp.py), whose settings are its own
+            # but for k: the whole lineage is one curve.
+            return lineage(parent, prefix)
         own = tuple((f"{prefix}{k}", v) for k, v in _setting(row, cache))
         return own + (lineage(parent, f"{parent.get('stage')}:") if parent else ())
 
@@ -170,12 +178,17 @@ def _group(rows) -> dict[tuple, list[dict]]:
 def _stats(panel: tuple, method: str, k, runs: list[dict], curve: str, stage: str | None = None) -> dict:
     accs = [float(r["test_acc"]) for r in runs if _number(r.get("test_acc")) is not None]
     kept = [float(r["kept_fraction"]) for r in runs if _number(r.get("kept_fraction")) is not None]
+    passes = [float(r["lineage_train_passes"]) for r in runs if _number(r.get("lineage_train_passes")) is not None]
     return {
         "dataset": panel[0], "arch": panel[1], "layer_type": panel[2], "method": method, "k": k,
         "curve": curve, "stage": stage or "+".join(sorted({str(r.get("stage")) for r in runs}, key=_stage_rank)),
         "n": len(accs), "test_acc_mean": statistics.fmean(accs) if accs else None,
         "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
         "kept_fraction_mean": statistics.fmean(kept) if kept else None,
+        # bip/collapse.py: seeds whose network ended disconnected (marked in the plots)
+        "collapsed": sum(r.get("collapsed") in (True, "True", "true") for r in runs),
+        # bip/compute.py: the whole lineage's training passes, when every seed has them
+        "lineage_train_passes_mean": statistics.fmean(passes) if passes and len(passes) == len(runs) else None,
     }
 
 
@@ -202,13 +215,15 @@ def summary_markdown(entries: list[dict]) -> str:
         if (e["dataset"], e["arch"], e["layer_type"]) != panel:
             panel = (e["dataset"], e["arch"], e["layer_type"])
             lines += [""] * bool(lines) + [f"## {' / '.join(map(str, panel))}", "",
-                      "| method | k | sparsity | test acc (%) | n | kept fraction | stage |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                      "| method | k | sparsity | test acc (%) | n | kept fraction | stage | collapsed "
+                      "| lineage train passes |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         acc = f"{e['test_acc_mean']:.2f} ± {e['test_acc_std']:.2f}" if e["n"] else ""
         kept = "" if e["kept_fraction_mean"] is None else f"{e['kept_fraction_mean']:.4f}"
         k = f"{e['k']:g}" if _number(e["k"]) is not None else str(e["k"])
+        passes = e.get("lineage_train_passes_mean")
         lines.append(f"| {e['curve']} | {k} | {_sparsity(e['k'])} | {acc} | {e['n']} | {kept} "
-                     f"| {e['stage']} |")
+                     f"| {e['stage']} | {e.get('collapsed') or ''} | {'' if passes is None else f'{passes:.3g}'} |")
     return "\n".join(lines) + "\n" if lines else "No finished runs yet.\n"
 
 
@@ -238,6 +253,109 @@ def render_panels(entries: list[dict]) -> dict[str, bytes]:
     return pngs
 
 
+def _mark_collapsed(ax, entries: list[dict], x) -> None:
+    """A red cross over every point where some seed's network ended disconnected."""
+    hit = [e for e in entries if e.get("collapsed")]
+    if hit:
+        ax.scatter([x(e) for e in hit], [e["test_acc_mean"] for e in hit], marker="x", s=70, c="red",
+                   zorder=5, label="collapsed (some seed disconnected)")
+
+
+def render_compute(entries: list[dict]) -> dict[str, bytes]:
+    """One PNG per panel whose points know their lineage's training passes: test accuracy
+    against lineage_train_passes (log axis), one point per (curve, k) and the dense pretrain;
+    {} when the index has no compute columns."""
+    panels = defaultdict(list)
+    for entry in entries:
+        if entry["n"] and entry.get("lineage_train_passes_mean"):
+            panels[(entry["dataset"], entry["arch"], entry["layer_type"])].append(entry)
+    if not panels:
+        return {}
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BipError("plots need matplotlib: pip install -e '.[plots]'") from None
+    pngs = {}
+    for panel, points in panels.items():
+        fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        by_curve = defaultdict(list)
+        for e in points:
+            by_curve["dense" if e["method"] == "dense" else e["curve"]].append(e)
+        for curve, group in sorted(by_curve.items()):
+            group.sort(key=lambda e: -_number(e["k"], 1.0))
+            xs = [e["lineage_train_passes_mean"] for e in group]
+            # A line only where compute grows as k falls (an IMP lineage); elsewhere the points
+            # of one curve may share their compute, and each is labelled with its k.
+            line = "-" if len(xs) > 1 and all(a < b for a, b in zip(xs, xs[1:])) else "none"
+            ax.errorbar(xs, [e["test_acc_mean"] for e in group], yerr=[e["test_acc_std"] for e in group],
+                        marker="s" if curve == "dense" else "o", ms=4, capsize=3, ls=line, label=curve)
+            for e in group:
+                if curve != "dense":
+                    ax.annotate(f"{e['k']:g}", (e["lineage_train_passes_mean"], e["test_acc_mean"]),
+                                xytext=(4, 2), textcoords="offset points", fontsize=6, color="0.3")
+        _mark_collapsed(ax, points, lambda e: e["lineage_train_passes_mean"])
+        ax.set_xscale("log")
+        ax.set_xlabel("training passes over examples, whole lineage (pretrain + prune + finetune)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(" / ".join(map(str, panel)) + ": accuracy vs compute")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(map(str, panel)))
+        pngs[f"{name}-compute.png"] = buffer.getvalue()
+    return pngs
+
+
+def read_index(path) -> list[dict]:
+    """The rows of an index.csv with numbers, booleans and empty cells typed as collect made them."""
+    import csv
+    try:
+        with open(path, newline="") as f:
+            return [{k: _typed(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except OSError as err:
+        raise BipError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _typed(text: str):
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python launch/plots.py INDEX.csv [--out DIR]``: the accuracy-vs-sparsity panels and,
+    where the index has compute columns, the accuracy-vs-compute plots of any index."""
+    from bip.atomic import write_bytes
+    from bip.config import OneLineParser
+    parser = OneLineParser(prog="plots.py", description=main.__doc__.split("\n")[0])
+    parser.add_argument("index", type=Path, help="an index.csv (launch/collect.py)")
+    parser.add_argument("--out", type=Path, help="folder for the PNGs (default: next to the index, plots/)")
+    args = parser.parse_args(argv)
+    try:
+        entries = summarize(read_index(args.index))
+        out = args.out or args.index.parent / "plots"
+        pngs = {**render_panels(entries), **render_compute(entries)}
+        for name, png in pngs.items():
+            write_bytes(out / name, png)
+    except (BipError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name in sorted(pngs):
+        print(out / name)
+    return 0
+
+
 def _draw(ax, panel: tuple, curves: list[dict], dense: list[dict]) -> None:
     """Accuracy against -log10(k): equal steps for 90 %, 99 %, 99.9 % sparsity, as in BiP's figures."""
     for e in dense:
@@ -252,6 +370,7 @@ def _draw(ax, panel: tuple, curves: list[dict], dense: list[dict]) -> None:
         points.sort(key=lambda e: -e["k"])
         ax.errorbar([-math.log10(e["k"]) for e in points], [e["test_acc_mean"] for e in points],
                     yerr=[e["test_acc_std"] for e in points], marker="o", ms=4, capsize=3, label=method)
+    _mark_collapsed(ax, curves, lambda e: -math.log10(e["k"]))
     xs = [-math.log10(e["k"]) for e in curves]
     ticks = [t for t in _TICKS if min(xs) - 0.05 <= -math.log10(1 - t / 100) <= max(xs) + 0.05]
     ax.set_xticks([-math.log10(1 - t / 100) for t in ticks], [f"{t:g}" for t in ticks])
@@ -260,3 +379,7 @@ def _draw(ax, panel: tuple, curves: list[dict], dense: list[dict]) -> None:
     ax.set_title(" / ".join(map(str, panel)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

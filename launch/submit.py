@@ -69,9 +69,9 @@ def plan_arrays(plan: Plan, runs: list[Run], known_jobs: dict[str, str],
     chosen = {run.key for run in runs}
     planned: dict[str, int] = {}  # run key -> index of its array
     specs: list[ArraySpec] = []
-    for stage in plan.runs:
+    for stage, level in _levels(plan, runs):
         groups: dict = {}
-        for run in (r for r in runs if r.stage == stage):
+        for run in level:
             waits = run.parent if run.parent in chosen or run.parent in known_jobs else None
             spec = groups.setdefault(waits, ArraySpec(stage, after={("run", waits)} if waits else set()))
             spec.runs.append(run)
@@ -93,6 +93,22 @@ def plan_arrays(plan: Plan, runs: list[Run], known_jobs: dict[str, str],
             planned.update({run.key: len(specs) for run in spec.runs})
             specs.append(spec)
     return specs
+
+
+def _levels(plan: Plan, runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """(stage, runs) in submission order: per stage, runs whose parent is in the same stage (IMP
+    round r + 1 after round r) come one level after it, so every parent's array is planned
+    before its children's."""
+    out = []
+    for stage in plan.runs:
+        mine = [r for r in runs if r.stage == stage]
+        keys = {r.key for r in mine}
+        depth: dict[str, int] = {}
+        for run in mine:  # parents before children (launch.sweep's order)
+            depth[run.key] = depth.get(run.parent, -1) + 1 if run.parent in keys else 0
+        for d in range(max(depth.values(), default=-1) + 1):
+            out.append((stage, [r for r in mine if depth[r.key] == d]))
+    return out
 
 
 def sbatch_calls(specs: list[ArraySpec], max_array: int) -> dict[str, int]:

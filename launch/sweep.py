@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bip import identity
+from bip import identity, imp
 from bip.config import FLAT_KEYS, Config, build_config, flatten_yaml, read_yaml
 from bip.errors import BipError
 
@@ -88,8 +88,8 @@ def load_grid(path: str | Path, root: str | Path | None = None, profile: str | N
     base = profiles.load_profile(profile) if profile else {}
     world = {s: profiles.world_size(profiles.resolve(base, resources[s], f"{where}: {s} resources"))
              for s in stages}
-    runs = _with_export(_expand(name, stages, cells, common, root, where, source, world),
-                        export_of(doc.get("stages"), where))
+    runs, leaves = _expand(name, stages, cells, common, root, where, source, world)
+    runs = _with_export(runs, export_of(doc.get("stages"), where), leaves)
     return Plan(name=name, path=path, root=root, profile=profile,
                 resources=resources, runs=runs, cells=len(cells))
 
@@ -166,10 +166,13 @@ def _pretrain_source(stages: dict, where: str) -> str:
 
 
 def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Path,
-            where: str, source: str = "", world: dict | None = None) -> dict[str, list[Run]]:
+            where: str, source: str = "", world: dict | None = None) -> tuple[dict[str, list[Run]], set[str]]:
+    """({stage: [Run]} with parents before children, {key of the last run of each cell})."""
     bases = _Bases(stages, common, where)
     runs: dict[str, dict[str, Run]] = {stage: {} for stage in stages}
     leaf_owner: dict[str, str] = {}
+    leaves: set[str] = set()
+    imp_k_min = _imp_k_min(cells)
     launcher = {"run.result_dir": str(root)}
     built: dict[tuple, tuple[Config, str]] = {}  # a shared pretrain is built once, not per cell
     for cell in cells:
@@ -192,14 +195,33 @@ def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Pat
                                "(in its configs, set or axes)")
             if not base.run.exp_name:
                 over.setdefault("run.exp_name", name)  # a label only: not hashed
-            memo = (stage, id(base), tuple(sorted(over.items())))
-            if memo not in built:
-                try:
-                    cfg = base.replace(**over)
-                except BipError as err:
-                    raise BipError(f"{where}: {stage} of cell [{text}]: {err}") from None
-                built[memo] = cfg, f"{identity.run_id(cfg)}/seed_{cfg.run.seed}"
-            cfg, key = built[memo]
+
+            def build(over: dict) -> tuple[Config, str]:
+                memo = (stage, id(base), tuple(sorted(over.items())))
+                if memo not in built:
+                    try:
+                        cfg = base.replace(**over)
+                    except BipError as err:
+                        raise BipError(f"{where}: {stage} of cell [{text}]: {err}") from None
+                    built[memo] = cfg, f"{identity.run_id(cfg)}/seed_{cfg.run.seed}"
+                return built[memo]
+            cfg, key = build(over)
+            if stage == "prune" and cfg.prune.method == "imp":
+                # IMP levels (bip/imp.py): the rounds before this cell's one, each a child of
+                # the one before, shared by every cell of the lineage.
+                series = imp.densities(imp_k_min.get(_lineage(cell), cfg.prune.k), cfg.prune.imp_rate)
+                target = imp.round_of(cfg.prune.k, series)
+                for r in range(1, target + 1):
+                    cfg, key = build({**over, "prune.k": series[r - 1]})
+                    if r == target:
+                        break
+                    if parent is not None:
+                        _check_lineage(parent, cfg, stage, text, where)
+                    run = runs[stage].get(key) or Run(stage, cfg, key, parent.key if parent else None,
+                                                      f"{label(cell, stage)} imp_round={r}")
+                    runs[stage].setdefault(key, run)
+                    parent = run
+                    over = {**over, "run.parent": key.split("/")[0], "run.source_net": ""}
             if stage == "prune" and parent is None and not cfg.run.source_net:
                 raise BipError(f"{where}: a prune stage without a pretrain stage needs run.source_net")
             if parent is not None:
@@ -207,25 +229,44 @@ def _expand(name: str, stages: dict, cells: list[tuple], common: dict, root: Pat
             shared = stage == "pretrain" and len(stages) > 1
             if not shared and key in leaf_owner:
                 raise BipError(f"{where}: duplicate cells [{leaf_owner[key]}] and [{text}] give the same "
-                               f"{stage} run {key} (fields that cannot change a result are not hashed)")
+                               f"{stage} run {key} (fields that cannot change a result are not hashed"
+                               + ("; an IMP k is the first round with density <= k" if
+                                  stage == "prune" and cfg.prune.method == "imp" else "") + ")")
             leaf_owner.setdefault(key, text)
             run = runs[stage].get(key) or Run(stage, cfg, key, parent.key if parent else None,
                                               label(cell, stage))
             runs[stage].setdefault(key, run)
             parent = run
-    return {stage: list(by_key.values()) for stage, by_key in runs.items()}
+        leaves.add(parent.key)
+    return {stage: list(by_key.values()) for stage, by_key in runs.items()}, leaves
 
 
-def _with_export(runs: dict[str, list[Run]], export: dict | None) -> dict[str, list[Run]]:
-    """Attach the export options to the last run of every cell (a run no other run names as its
-    parent); ``thin`` only where the cell is filter / channel pruned."""
+def _lineage(cell: tuple) -> tuple:
+    """What an IMP lineage shares: the cell's axis values except k."""
+    return tuple((axis.dotted, value) for axis, value in cell if axis.dotted != "prune.k")
+
+
+def _imp_k_min(cells: list[tuple]) -> dict[tuple, float]:
+    """The smallest k asked of each lineage: its rounds reach it, larger k reuse them."""
+    out: dict[tuple, float] = {}
+    for cell in cells:
+        for axis, value in cell:
+            if axis.dotted == "prune.k" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                key = _lineage(cell)
+                out[key] = min(out.get(key, float(value)), float(value))
+    return out
+
+
+def _with_export(runs: dict[str, list[Run]], export: dict | None, leaves: set[str]) -> dict[str, list[Run]]:
+    """Attach the export options to the last run of every cell (an IMP round that is some
+    cell's last run exports even when later rounds follow it); ``thin`` only where the cell is
+    filter / channel pruned."""
     if export is None:
         return runs
-    parents = {run.parent for stage_runs in runs.values() for run in stage_runs}
 
     def options(run: Run) -> dict:
         return {**export, "thin": export["thin"] and run.cfg.prune.layer_type in ("filter", "channel")}
-    return {stage: [run if run.key in parents or stage == "pretrain" else
+    return {stage: [run if run.key not in leaves or stage == "pretrain" else
                     dataclasses.replace(run, export=options(run)) for run in stage_runs]
             for stage, stage_runs in runs.items()}
 

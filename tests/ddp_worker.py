@@ -45,6 +45,7 @@ for name, cfg in runs:
     hook, mismatched = replica_check(name)
     result = train(cfg, hook=hook)
     report[name].update(mismatched=mismatched, world=dist.get_world_size(),
-                        kept_fraction=(result["sparsity"] or {}).get("kept_fraction"))
+                        kept_fraction=(result["sparsity"] or {}).get("kept_fraction"),
+                        passes=(result["train_forward_passes"], result["train_backward_passes"]))
 if dist.get_rank() == 0:
     print(json.dumps(report), flush=True)

@@ -280,3 +280,27 @@ def test_swept_settings_are_separate_curves_and_stages_never_mix(tmp_path: Path)
     assert len([e for e in entries if e["method"] == "bip"]) == 6
     table = plots.summary_markdown(entries)
     assert "| bip (bip.gamma=10.0, bip.variant=paper) | 0.1 | 90% | 71.50 ± 0.71 | 2 |" in table
+
+
+def test_collapsed_runs_are_counted_and_marked(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    accuracy_grid(tmp_path)
+    parent = identity.run_id(config())
+    folder = identity.run_dir(config("prune", "bip", 0.1, seed=2, parent=parent), tmp_path)
+    result = json.loads((folder / identity.RESULT).read_text())
+    (folder / identity.RESULT).write_text(json.dumps({**result, "collapsed": True, "collapsed_layers": ["conv1"]}))
+    rows = collect.scan(tmp_path)
+    assert [r["collapsed"] for r in rows if r["path"] == f"{folder.parent.name}/seed_2"] == [True]
+    entries = plots.summarize(rows)
+    bip = next(e for e in entries if (e["method"], e["k"]) == ("bip", 0.1))
+    assert bip["collapsed"] == 1 and "| prune | 1 |" in plots.summary_markdown(entries)
+    ax = Figure().add_subplot()
+    panel = ("CIFAR10", "resnet20s", "unstructured")
+    plots._draw(ax, panel, [e for e in entries if e["method"] != "dense"], [])
+    marked = [c for c in ax.collections if c.get_label().startswith("collapsed")]
+    assert len(marked) == 1 and len(marked[0].get_offsets()) == 1  # one point, crossed
+    # the same from index.csv as any user has it (launch/plots.py reads it typed)
+    assert plots.summarize(plots.read_index(collect.collect(tmp_path)))[0].keys() == entries[0].keys()
+    assert next(e for e in plots.summarize(plots.read_index(tmp_path / "index.csv"))
+                if (e["method"], e["k"]) == ("bip", 0.1))["collapsed"] == 1

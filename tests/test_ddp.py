@@ -22,5 +22,10 @@ def test_two_processes_stay_identical(tmp_path):
     for name, entry in report.items():
         assert entry["world"] == 2, name
         assert entry["steps"] > 0 and entry["mismatched"] == [], (name, entry)
+        # bip/compute.py: every example of the GLOBAL batch (16 per rank), counted without
+        # communication (the report is rank 0's: one count per step)
+        per_step = {"dense": (1, 1), "hydra": (1, 1), "bip": (2, 2), "bip-reference": (4, 3)}[name]
+        steps = entry["steps"]
+        assert entry["passes"] == [steps * 32 * per_step[0], steps * 32 * per_step[1]], (name, entry)
         if name != "dense":
             assert abs(entry["kept_fraction"] - 0.2) < 1e-5

@@ -357,3 +357,52 @@ def test_a_lease_whose_slurm_job_ended_is_not_running(tmp_path):
     assert state.combine(_found("started", live), "RUNNING", "done", "5_1")[0] == "running"
     assert state.combine(_found("started", live), "NODE_FAIL", "done", "5_1")[0] == "failed"
     assert state.combine(_found("started", live), "", "done", None)[0] == "running"  # no accounting
+
+
+# -- IMP levels ------------------------------------------------------------------------------
+
+def test_imp_levels_train_each_round_once_and_index_one_row_per_round(tmp_path, capsys):
+    import csv
+    imp_grid = {"stages": {"pretrain": {}, "prune": {"set": {"layer_type": "unstructured"}},
+                           "finetune": {}},  # default finetune methods: not imp (rounds retrain)
+                "axes": {"method": ["imp"], "k": [0.8, 0.64, 0.512], "seed": [1]}}
+    path, root = write_grid(tmp_path, **imp_grid), tmp_path / "runs"
+    plan = sweep.load_grid(path, root)
+    rounds = plan.runs["prune"]
+    assert [r.cfg.prune.k for r in rounds] == [0.8, 0.64, 0.512] and not plan.runs["finetune"]
+    assert [r.parent for r in rounds] == [plan.runs["pretrain"][0].key, rounds[0].key, rounds[1].key]
+    specs = submit.plan_arrays(plan, plan.all_runs(), {})  # one array per round, after its parent
+    assert [(s.stage, [r.key for r in s.runs], s.after) for s in specs[1:]] == \
+        [("prune", [r.key], {("run", r.parent)}) for r in rounds]
+    assert cli(path, "--root", root, "--debug") == 0
+    folders = sorted(p for p in root.glob("synthetic-resnet20s-prune-imp-*/seed_1"))
+    assert len(folders) == 3
+    for folder in folders:  # one round each: its own epochs, mask and final model
+        assert len((folder / identity.METRICS).read_text().splitlines()) == 1
+        assert (folder / identity.MASK).is_file() and (folder / identity.FINAL).is_file()
+    with open(root / "index.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "imp"]
+    assert sorted((float(r["k"]), r["imp_round"]) for r in rows) == [(0.512, "3"), (0.64, "2"), (0.8, "1")]
+    for r in rows:
+        assert abs(float(r["kept_fraction"]) - float(r["k"])) < 1e-3
+    by_round = {r["imp_round"]: r for r in rows}
+    assert float(by_round["3"]["lineage_train_passes"]) == \
+        sum(float(r["train_passes"]) for r in rows) + float(next(
+            r for r in csv.DictReader(open(root / "index.csv")) if r["stage"] == "pretrain")["train_passes"])
+    # The lineage is one curve; the compute plot exists for it (launch/plots.py, any index).
+    from launch import plots
+    entries = [e for e in plots.summarize(plots.read_index(root / "index.csv")) if e["method"] == "imp"]
+    assert [(e["curve"], e["k"]) for e in entries] == [("imp", 0.8), ("imp", 0.64), ("imp", 0.512)]
+    out = subprocess.run([sys.executable, REPO / "launch" / "plots.py", root / "index.csv", "--out",
+                          tmp_path / "figs"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == \
+        ["synthetic-resnet20s-unstructured-compute.png", "synthetic-resnet20s-unstructured.png"]
+    # Another grid on the same root going further reuses the rounds it passes through.
+    more = write_grid(tmp_path, name="more", **{**imp_grid, "axes": {"method": ["imp"], "k": [0.64, 0.4],
+                                                                     "seed": [1]}})
+    capsys.readouterr()
+    assert cli(more, "--root", root, "--dry-run") == 0
+    out = capsys.readouterr().out
+    submitted = {line.split()[0]: int(line.split()[5]) for line in out.splitlines()[2:4]}
+    assert submitted == {"pretrain": 0, "prune": 2}, out  # 0.4096, then 0.4 (the shortened step)

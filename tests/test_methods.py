@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from bip import masking
 from bip.config import load_config
+from bip.errors import BipError
 from bip.layers import MaskedConv2d, MaskedLinear
-from bip.methods import BipPaper, Dense, Hydra, Imp, OneShot, create_method, imp_rounds
+from bip.methods import BipPaper, Dense, Hydra, Imp, OneShot, create_method
 from bip.bip_reference import BipReference
 from bip.models import create_model
 
@@ -543,17 +544,29 @@ def test_omp_is_global_magnitude_and_random_is_not():
 
 
 def test_imp_rounds_prune_the_remainder_and_rewind():
-    assert imp_rounds(0.8, 0.2) == 1 and imp_rounds(0.64, 0.2) == 2 and imp_rounds(0.1, 0.2) == 11
+    from bip import imp
+    assert imp.rounds_for(0.8, 0.2) == 1 and imp.rounds_for(0.64, 0.2) == 2 and imp.rounds_for(0.1, 0.2) == 11
+    assert imp.rounds_for(0.512, 0.2) == 3  # 0.8 ** 3 rounds to 0.5120000000000001
+    series = imp.densities(0.3, 0.2)
+    assert series[:3] == [0.8, 0.64, 0.512] and series[-1] == 0.3 and len(series) == 6
+    assert imp.round_of(0.5, series) == 4 and imp.round_of(0.64, series) == 2
     model = _small_model()
     rewind = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
-    cfg = prune_cfg("prune.method=imp", "prune.k=0.5", "train.epochs=2")
-    method = Imp(cfg, model, rewind)
-    assert method.epochs() == 4 * 2 and method.density(3) == 0.5
     total = sum(m.mask.numel() for _, m in masking.masked_layers(model))
-    for epoch, density in [(0, 0.8), (2, 0.64)]:
-        method.on_epoch_start(epoch)
+    masks = []
+    for r, (before, density) in enumerate([(1.0, 0.8), (0.8, 0.64)]):  # round r + 1, one run each
+        cfg = prune_cfg("prune.method=imp", f"prune.k={density}", "train.epochs=2")
+        method = Imp(cfg, model, imp.Source(before, r, rewind))
+        assert method.epochs() == 2 and method.round == r + 1
         kept = sum(int(m.mask.sum()) for _, m in masking.masked_layers(model))
         assert kept == round(density * total)
         conv = masking.masked_layers(model)[0][1]
         torch.testing.assert_close(conv.weight, (rewind["0.weight"]) * conv.mask)  # rewound
-        method.step([_batch(epoch)], epoch)
+        method.step([_batch(r)], 0.0)
+        masks.append(conv.mask.clone())
+    assert bool((masks[1] <= masks[0]).all())  # nested: a later round only removes
+    cfg = prune_cfg("prune.method=imp", "prune.k=0.5", "train.epochs=2")
+    with pytest.raises(BipError, match="prunes more than prune.imp_rate=0.2"):
+        Imp(cfg, _small_model(), imp.Source(0.8, 1, rewind))
+    with pytest.raises(BipError, match="must be below its source's density"):
+        Imp(prune_cfg("prune.method=imp", "prune.k=0.8"), _small_model(), imp.Source(0.8, 1, rewind))

@@ -9,6 +9,7 @@ import torch.nn as nn
 from bip.config import load_config
 from bip.errors import BipError
 from bip.layers import MaskedConv2d, MaskedLinear
+from bip import imp
 from bip.methods import Hydra, Imp
 from bip.nonfinite import NonFiniteError, NonFiniteGuard
 from bip.synccheck import SyncRecorder
@@ -131,15 +132,15 @@ def test_imp_rejects_a_partial_rewind():
     model = _model()
     full = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = load_config([], ["run.stage=prune", "prune.layer_type=unstructured", "prune.method=imp",
-                           "prune.k=0.5", "train.epochs=1"])
-    Imp(cfg, _model(), full)  # scores and masks are the run's own: not needed
+                           "prune.k=0.8", "train.epochs=1"])
+    Imp(cfg, _model(), imp.Source(1.0, 0, full))  # scores and masks are the run's own: not needed
     partial = {k: v for k, v in full.items() if k != "1.running_var"}
     with pytest.raises(BipError, match=r"rewind.pt does not fit this model: missing 1\.running_var"):
-        Imp(cfg, _model(), partial)
+        Imp(cfg, _model(), imp.Source(1.0, 0, partial))
     with pytest.raises(BipError, match="unexpected extra.weight"):
-        Imp(cfg, _model(), {**full, "extra.weight": torch.zeros(1)})
+        Imp(cfg, _model(), imp.Source(1.0, 0, {**full, "extra.weight": torch.zeros(1)}))
     with pytest.raises(BipError, match=r"wrong shape 5\.bias"):
-        Imp(cfg, _model(), {**full, "5.bias": torch.zeros(3)})
+        Imp(cfg, _model(), imp.Source(1.0, 0, {**full, "5.bias": torch.zeros(3)}))
 
 
 def test_superseding_a_run_moves_its_rewind_point(tmp_path):

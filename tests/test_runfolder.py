@@ -24,7 +24,7 @@ from bip.train import main, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.dataset=synthetic", "data.synthetic_size=256", "data.batch_size=32", "train.epochs=2"]
-TIME_KEYS = ("time_s", "wall_time_s")
+TIME_KEYS = ("time_s", "wall_time_s", "lineage_wall_time_s")
 
 
 def final_state(run_dir: Path) -> dict:
@@ -152,8 +152,8 @@ def prune_config(tmp_path: Path, method: str, extra: list[str] = ()) -> list[str
     train(pre)
     over = base + ["run.stage=prune", f"prune.method={method}", "prune.layer_type=unstructured",
                    f"run.parent={identity.run_id(pre)}", "prune.score_init=magnitude", *extra]
-    if method == "imp":  # 2 rounds of 1 epoch: the stop lands in round 2, after its rewind
-        over += ["prune.k=0.25", "prune.imp_rate=0.5", "train.epochs=1"]
+    if method == "imp":  # one round (a run) of 2 epochs: the stop lands in its second epoch
+        over += ["prune.k=0.5", "prune.imp_rate=0.5", "train.epochs=2"]
     else:
         over += ["prune.k=0.2"]
     return over
