@@ -199,7 +199,7 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
     guard = NonFiniteGuard(method.core, method.optimizers.values(), cfg.train.max_nonfinite_steps,
                            accelerator.device, state["nonfinite_steps"])
     positions = layer_positions(model, loaders.input_shape)  # for the MACs of each epoch
-    world = accelerator.num_processes
+    processes = accelerator.num_processes
     last = None
     for epoch in range(state["epoch"], epochs):
         t0, first = time.time(), state["step_in_epoch"]
@@ -213,7 +213,7 @@ def _train(cfg: Config, folder: runfolder.RunFolder, job: _Job, state: dict, acc
             guard.before_step()
             stats = method.step(list(batch), epoch + i / steps)
             guard.after_step(stats["loss"], state["step"])
-            compute.add_step(state["compute"], method.take_passes(), world)
+            compute.add_step(state["compute"], method.take_passes(), processes)
             state["totals"] = {k: state["totals"].get(k, 0) + v for k, v in stats.items()}
             state["step"], state["step_in_epoch"] = state["step"] + 1, i + 1
             if state["step"] % cfg.run.print_freq == 0:  # a logging point: the one sync allowed
@@ -459,6 +459,7 @@ def _seed_checkpoint(cfg: Config) -> dict:
     ckpt = checkpoint.load(path, "resume checkpoint")
     if ckpt.get("format") != checkpoint.FORMAT or not isinstance(ckpt.get("meta"), dict):
         raise BipError(f"{path} is not a bip checkpoint (cannot resume from it)")
+    _check_complete(ckpt, path)  # what is missing says more than whose it is
     meta = ckpt["meta"]
     mine = (identity.run_id(cfg), cfg.run.seed)
     if (meta.get("run_id"), meta.get("seed")) != mine and not cfg.run.resume_foreign:
@@ -469,12 +470,16 @@ def _seed_checkpoint(cfg: Config) -> dict:
     return ckpt
 
 
-def _resume(ckpt: dict, path: Path, method) -> dict:
-    if ckpt.get("format") != checkpoint.FORMAT:
-        raise BipError(f"{path} is not a bip checkpoint (cannot resume from it)")
+def _check_complete(ckpt: dict, path: Path) -> None:
     lacking = [k for k in ("model", "method", "rng", "epoch", "step", "best", "wall_time_s") if k not in ckpt]
     if lacking:
         raise BipError(f"{path} cannot be resumed from: it lacks {', '.join(lacking)}")
+
+
+def _resume(ckpt: dict, path: Path, method) -> dict:
+    if ckpt.get("format") != checkpoint.FORMAT:
+        raise BipError(f"{path} is not a bip checkpoint (cannot resume from it)")
+    _check_complete(ckpt, path)
     try:
         method.core.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
