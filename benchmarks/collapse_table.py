@@ -1,7 +1,15 @@
 """Layer collapse at extreme sparsity on `digits`: which settings prevent it, and at what cost.
 
     python benchmarks/collapse_table.py [--root DIR] [--ks 0.05 0.02 0.01] [--seeds 1234]
-        [--pretrain-epochs 15] [--prune-epochs 3] [--floor 10] [--jobs 2]
+        [--pretrain-epochs 15] [--prune-epochs 1] [--floor 10] [--jobs 2]
+        [--methods hydra "bip (paper)" "bip (reference)"] [--finetune-epochs 0]
+
+README's tables ("Layer collapse on digits, measured"), same --root for both so they share the
+pretrain (~20 min on 2 busy cores):
+
+    python benchmarks/collapse_table.py --root R
+    python benchmarks/collapse_table.py --root R --ks 0.02 --prune-epochs 3 --finetune-epochs 1 \
+        --methods hydra "bip (paper)"
 
 One dense pretrain per seed (the seed README's preset `configs/CIFAR10/pretrain.yml` with
 `--dataset digits --batch-size 64 --epochs 15`: the same run as that command line, so an existing
@@ -15,8 +23,8 @@ protection settings:
     skip    prune.skip=first,classifier (conv1 and fc dense; k counts the other layers)
     both    floor and skip
 
-Prints one markdown table: per (method, setting, k) the test accuracy after the prune stage (no
-finetune), whether the network ended disconnected (`collapsed` in result.json), the first epoch
+Prints one markdown table: per (method, setting, k) the test accuracy after the prune stage
+(with --finetune-epochs N, also after a finetune of every prune run: `-> ft`), whether the network ended disconnected (`collapsed` in result.json), the first epoch
 whose record says so, the layers left empty, and the kept fraction of ALL conv/linear weights
 (skipped layers included, so `skip` keeps a little more than k). Runs are ordinary run folders:
 rerunning the script reuses finished ones and prints the same table.
@@ -120,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--ks", nargs="+", type=float, default=[0.05, 0.02, 0.01])
     p.add_argument("--seeds", nargs="+", type=int, default=[1234])
     p.add_argument("--pretrain-epochs", type=int, default=15)
-    p.add_argument("--prune-epochs", type=int, default=3)
+    p.add_argument("--prune-epochs", type=int, default=1)
     p.add_argument("--floor", default="10", help="prune.min_layer_keep of the floor settings")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
