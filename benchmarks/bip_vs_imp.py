@@ -2,7 +2,7 @@
 compute of each model's whole lineage.
 
     python benchmarks/bip_vs_imp.py [--grid configs/grids/digits_bip_vs_imp.yml] [--root DIR]
-        [--jobs 2] [--no-run] [--out benchmarks/results]
+        [--jobs 2] [--no-run] [--out docs]
 
 Runs the grid with the real launcher (`launch/grid.py GRID --local`, which skips finished runs,
 then `launch/collect.py ROOT`), reads ROOT/index.csv (only the rows of this grid's plan), and
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=None, help="run root (default: the grid's root:)")
     p.add_argument("--jobs", type=int, default=0, help="launch/grid.py --jobs (0: its default)")
     p.add_argument("--no-run", action="store_true", help="only read the index (runs must be done)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=REPO / "docs", help="folder for the two PNGs")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from launch.sweep import load_grid
