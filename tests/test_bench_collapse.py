@@ -55,12 +55,12 @@ def test_bip_vs_imp_grid_expands_as_documented(tmp_path):
     from launch.sweep import load_grid
 
     plan = load_grid(REPO / "configs/grids/digits_bip_vs_imp.yml", tmp_path)
-    assert plan.cells == 40
-    assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 2, "prune": 40, "finetune": 20}
+    assert plan.cells == 32
+    assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 2, "prune": 32, "finetune": 16}
     epochs = {(r.cfg.prune.method, r.cfg.train.epochs) for r in plan.runs["prune"]}
     assert epochs == {("bip", 2), ("hydra", 2), ("omp", 1), ("imp", 1)}
     assert {r.cfg.prune.min_layer_keep for r in plan.runs["prune"]} == {10}
-    assert {r.cfg.train.epochs for r in plan.runs["pretrain"]} == {15}
+    assert {(r.cfg.train.epochs, r.cfg.train.rewind_epoch) for r in plan.runs["pretrain"]} == {(15, 15)}
 
 
 def test_bip_vs_imp_counts_lineage_passes():
