@@ -145,6 +145,7 @@ def report(df, units: str) -> tuple[dict, list[str]]:
 
 def plot(points: dict, dense_acc: float, units: str, out: Path) -> list[Path]:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -168,6 +169,10 @@ def plot(points: dict, dense_acc: float, units: str, out: Path) -> list[Path]:
         ax.set_xscale("log")
         if xkey == "k":
             ax.invert_xaxis()
+        # Label the values themselves: a log axis over less than a decade has no labelled ticks.
+        ticks = sorted({round(k if xkey == "k" else v[2], 3) for (_, k), v in points.items()})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=7)
