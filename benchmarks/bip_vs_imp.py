@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("bip", "hydra", "omp", "imp")
+FINETUNED = ("hydra", "omp")  # the grid's finetune methods
 PASSES_PER_EPOCH = {"dense": 1, "hydra": 1, "imp": 1, "omp": 0, "random": 0}
 STYLE = {"bip": ("tab:blue", "o"), "hydra": ("tab:orange", "s"), "omp": ("tab:green", "^"),
          "imp": ("tab:red", "D")}
@@ -73,7 +74,7 @@ def run_grid(grid: Path, root: Path, jobs: int) -> None:
     subprocess.run([sys.executable, str(REPO / "launch" / "collect.py"), str(root)], check=True, cwd=REPO)
 
 
-def load(grid: Path, root: Path):
+def load(grid: Path, root: Path, partial: bool = False):
     import pandas as pd
 
     sys.path.insert(0, str(REPO))
@@ -85,10 +86,13 @@ def load(grid: Path, root: Path):
     df = df[[f"{r}/seed_{int(s)}" in keys for r, s in zip(df["run_id"], df["seed"])]]
     missing = len(keys) - len(df)
     not_done = df[df["status"] != "done"]
-    if missing or len(not_done):
+    if (missing or len(not_done)) and not partial:
         raise SystemExit(f"error: {missing} runs of the grid missing from the index, "
-                         f"{len(not_done)} not done; run without --no-run first")
-    df = df.copy()
+                         f"{len(not_done)} not done; run without --no-run first (or --partial)")
+    if missing or len(not_done):
+        print(f"partial: {missing} runs not in the index, {len(not_done)} not done; "
+              "their cells are left out", file=sys.stderr)
+    df = df[df["status"] == "done"].copy()
     df["collapsed"] = [bool(json.loads((root / p / "result.json").read_text()).get("collapsed"))
                        for p in df["path"]]
     if "lineage_train_passes" in df.columns and df["lineage_train_passes"].notna().all():
@@ -108,7 +112,10 @@ def final_rows(df):
     for _, r in pruned.iterrows():
         key = (r["method"], float(r["k"]), int(r["seed"]))
         child = fine[(fine.index == r["run_id"]) & (fine["seed"] == r["seed"])]
-        out[key] = child.iloc[0] if len(child) else r
+        if len(child):
+            out[key] = child.iloc[0]
+        elif r["method"] not in FINETUNED:  # a --partial report never mixes in an unfinetuned one
+            out[key] = r
     return out
 
 
@@ -131,15 +138,24 @@ def report(df, units: str) -> tuple[dict, list[str]]:
         cells = []
         for m in METHODS:
             rs = [fin[(m, k, s)] for s in seeds if (m, k, s) in fin]
+            if not rs:
+                cells.append("- | -")
+                continue
             acc, sd = mean_sd([float(r["test_acc"]) for r in rs])
             comp = statistics.mean(float(r["lineage"]) for r in rs)
             cut = sum(bool(r["collapsed"]) for r in rs)
             points[(m, k)] = (acc, sd, comp, cut)
-            cells.append(f"{acc:.1f} ± {sd:.1f}" + (f" ({cut} collapsed)" if cut else "") + f" | {comp:.0f}")
+            n = f", n={len(rs)}" if len(rs) != len(seeds) else ""
+            cells.append(f"{acc:.1f} ± {sd:.1f}{n}" + (f" ({cut} collapsed)" if cut else "") + f" | {comp:.0f}")
+        both = [s for s in seeds if ("imp", k, s) in fin and ("bip", k, s) in fin]
+        if not both:
+            lines.append(f"| {k} | " + " | ".join(cells) + " | - | - |")
+            continue
         ratio = points[("imp", k)][2] / points[("bip", k)][2]
-        diffs = [float(fin[("imp", k, s)]["test_acc"]) - float(fin[("bip", k, s)]["test_acc"]) for s in seeds]
-        d, dsd = mean_sd(diffs)
-        lines.append(f"| {k} | " + " | ".join(cells) + f" | {ratio:.2f}x | {d:+.1f} ± {dsd:.1f} |")
+        d, dsd = mean_sd([float(fin[("imp", k, s)]["test_acc"]) - float(fin[("bip", k, s)]["test_acc"])
+                          for s in both])
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {ratio:.2f}x | {d:+.1f} ± {dsd:.1f}"
+                     + (f" (n={len(both)})" if len(both) != len(seeds) else "") + " |")
     return points, lines
 
 
@@ -191,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=None, help="run root (default: the grid's root:)")
     p.add_argument("--jobs", type=int, default=0, help="launch/grid.py --jobs (0: its default)")
     p.add_argument("--no-run", action="store_true", help="only read the index (runs must be done)")
+    p.add_argument("--partial", action="store_true", help="report the finished runs of an unfinished grid")
     p.add_argument("--out", type=Path, default=REPO / "docs", help="folder for the two PNGs")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -200,7 +217,9 @@ def main(argv=None) -> int:
     root = Path(root).resolve()
     if not args.no_run:
         run_grid(args.grid, root, args.jobs)
-    df, units = load(args.grid, root)
+    if args.partial:
+        subprocess.run([sys.executable, str(REPO / "launch" / "collect.py"), str(root)], check=True, cwd=REPO)
+    df, units = load(args.grid, root, args.partial)
     points, lines = report(df, units)
     print("\n".join(lines))
     dense_acc = float(df[df["stage"] == "pretrain"]["test_acc"].mean())
