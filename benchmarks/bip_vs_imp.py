@@ -66,6 +66,46 @@ def lineage_passes(df) -> dict:
     return out
 
 
+def recalibrated_acc(run_dir: Path) -> float:
+    """Test accuracy (eval mode) of a run's published final model after recomputing its
+    BatchNorm running statistics: reset, then one pass over the training split in train mode with
+    a cumulative average (momentum None), no weight or mask changes. Runs whose weights move
+    fast for one or two epochs (lr 0.1, or every IMP round restarting from the dense weights and
+    statistics) can end with running statistics that no longer describe the sparse network; this
+    separates that from what the mask and weights are worth."""
+    import torch
+
+    from bip import checkpoint
+    from bip.config import build_config
+    from bip.data import load_dataset
+    from bip.data.loaders import build_loaders
+    from bip.models import create_model, model_options
+    from bip.train import model_input
+
+    doc = json.loads((run_dir / "config.yaml").read_text())
+    cfg = build_config([(f"{sec}.{key}", value, str(run_dir)) for sec, fields in doc["config"].items()
+                        for key, value in fields.items()])
+    spec = model_input(cfg, load_dataset(cfg.data, cfg.model.num_classes))
+    model = create_model(cfg.model.arch, spec.num_classes, cfg.prune.layer_type, **model_options(cfg.model))
+    model.load_state_dict(checkpoint.source_state(run_dir / "final.pt")[0])
+    loaders = build_loaders(cfg.data, spec, seed=cfg.run.seed, streams=1, rank=0, world=1,
+                            device=torch.device("cpu"))
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x, _ in loaders.streams[0].epoch(0):
+            model(x)
+        model.eval()
+        correct = total = 0
+        for x, y in loaders.test():
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100.0 * correct / total
+
+
 def run_grid(grid: Path, root: Path, jobs: int) -> None:
     cmd = [sys.executable, str(REPO / "launch" / "grid.py"), str(grid), "--local", "--root", str(root)]
     if jobs:
@@ -101,6 +141,8 @@ def load(grid: Path, root: Path, partial: bool = False):
     else:
         passes, units = lineage_passes(df), "training-set passes, counted by this script"
     df["lineage"] = [passes[(r, int(s))] for r, s in zip(df["run_id"], df["seed"])]
+    final = (df["stage"] == "finetune") | ((df["stage"] == "prune") & ~df["method"].isin(FINETUNED))
+    df["recal_acc"] = [recalibrated_acc(root / p) if f else float("nan") for p, f in zip(df["path"], final)]
     return df, units
 
 
@@ -130,8 +172,8 @@ def report(df, units: str) -> tuple[dict, list[str]]:
     dense = df[df["stage"] == "pretrain"]
     lines = [f"dense pretrain: test acc {mean_sd(list(dense['test_acc']))[0]:.1f} ± "
              f"{mean_sd(list(dense['test_acc']))[1]:.1f} % (seeds {seeds}); compute: {units}", ""]
-    head = "| k | " + " | ".join(f"{m} acc % | {m} passes" for m in METHODS) + \
-           " | IMP / BiP compute | IMP - BiP acc (pp) |"
+    head = "| k | " + " | ".join(f"{m} acc % (BN recal.) | {m} passes" for m in METHODS) + \
+           " | IMP / BiP compute | IMP - BiP acc (pp) | same, BN recal. |"
     lines += [head, "|---" * (2 * len(METHODS) + 3) + "|"]
     points = {}
     for k in ks:
@@ -142,20 +184,24 @@ def report(df, units: str) -> tuple[dict, list[str]]:
                 cells.append("- | -")
                 continue
             acc, sd = mean_sd([float(r["test_acc"]) for r in rs])
+            rec, rsd = mean_sd([float(r["recal_acc"]) for r in rs])
             comp = statistics.mean(float(r["lineage"]) for r in rs)
             cut = sum(bool(r["collapsed"]) for r in rs)
-            points[(m, k)] = (acc, sd, comp, cut)
+            points[(m, k)] = (acc, sd, comp, cut, rec, rsd)
             n = f", n={len(rs)}" if len(rs) != len(seeds) else ""
-            cells.append(f"{acc:.1f} ± {sd:.1f}{n}" + (f" ({cut} collapsed)" if cut else "") + f" | {comp:.0f}")
+            cells.append(f"{acc:.1f} ± {sd:.1f} ({rec:.1f} ± {rsd:.1f}){n}"
+                         + (f" ({cut} collapsed)" if cut else "") + f" | {comp:.0f}")
         both = [s for s in seeds if ("imp", k, s) in fin and ("bip", k, s) in fin]
         if not both:
-            lines.append(f"| {k} | " + " | ".join(cells) + " | - | - |")
+            lines.append(f"| {k} | " + " | ".join(cells) + " | - | - | - |")
             continue
         ratio = points[("imp", k)][2] / points[("bip", k)][2]
         d, dsd = mean_sd([float(fin[("imp", k, s)]["test_acc"]) - float(fin[("bip", k, s)]["test_acc"])
                           for s in both])
+        e, esd = mean_sd([float(fin[("imp", k, s)]["recal_acc"]) - float(fin[("bip", k, s)]["recal_acc"])
+                          for s in both])
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {ratio:.2f}x | {d:+.1f} ± {dsd:.1f}"
-                     + (f" (n={len(both)})" if len(both) != len(seeds) else "") + " |")
+                     + (f" (n={len(both)})" if len(both) != len(seeds) else "") + f" | {e:+.1f} ± {esd:.1f} |")
     return points, lines
 
 
@@ -172,10 +218,14 @@ def plot(points: dict, dense_acc: float, units: str, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
         for m in METHODS:
             pts = sorted((k, *v) for (mm, k), v in points.items() if mm == m)
+            if not pts:
+                continue
             xs = [p[0] if xkey == "k" else p[3] for p in pts]
             color, marker = STYLE[m]
             ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], color=color, marker=marker,
                         ms=4, lw=1, capsize=2, label=m + (" (+finetune)" if m in ("hydra", "omp") else ""))
+            ax.plot(xs, [p[5] for p in pts], color=color, marker=marker, ms=4, lw=0.8, ls="--",
+                    mfc="none", label=f"{m}, BN recalibrated")
             for x, p in zip(xs, pts):
                 if p[4]:  # collapsed in at least one seed
                     ax.scatter([x], [p[1]], s=80, facecolors="none", edgecolors="k", zorder=5)
@@ -191,7 +241,7 @@ def plot(points: dict, dense_acc: float, units: str, out: Path) -> list[Path]:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"bip_vs_imp_{name}.png"
