@@ -2,14 +2,15 @@
 compute of each model's whole lineage.
 
     python benchmarks/bip_vs_imp.py [--grid configs/grids/digits_bip_vs_imp.yml] [--root DIR]
-        [--jobs 2] [--no-run] [--out docs]
+        [--jobs 2] [--no-run] [--partial] [--out docs]
 
 Runs the grid with the real launcher (`launch/grid.py GRID --local`, which skips finished runs,
 then `launch/collect.py ROOT`), reads ROOT/index.csv (only the rows of this grid's plan), and
 prints one markdown table per k: per method the final test accuracy (mean ± std over seeds; the
 finetuned model for HYDRA and OMP, the pruned model for BiP and IMP) and the lineage compute;
 then, per k, the compute ratio IMP / BiP and the paired accuracy difference IMP - BiP (mean ±
-std over seeds). Draws `bip_vs_imp_sparsity.png` (accuracy vs kept fraction) and
+std over seeds), each also after recomputing the final model's BatchNorm statistics
+(`recalibrated_acc`; in parentheses, dashed curves). Draws `bip_vs_imp_sparsity.png` (accuracy vs kept fraction) and
 `bip_vs_imp_compute.png` (accuracy vs lineage compute, log x), one point per (method, k).
 
 Compute is in training-set passes (one forward + one backward over every training example).
