@@ -159,6 +159,20 @@ def final_rows(df):
             out[key] = child.iloc[0]
         elif r["method"] not in FINETUNED:  # a --partial report never mixes in an unfinetuned one
             out[key] = r
+    return _imp_at_requested_k(out)
+
+
+def _imp_at_requested_k(out: dict) -> dict:
+    """IMP is a lineage of rounds (one run each, densities (1 - rate)^r): a requested k is
+    answered by the first round whose density is <= k, as the grid expands it."""
+    wanted = {k for m, k, _ in out if m != "imp"}
+    rounds = {key: r for key, r in out.items() if key[0] == "imp"}
+    out = {key: r for key, r in out.items() if key[0] != "imp"}
+    for k in wanted:
+        for seed in {s for _, _, s in rounds}:
+            below = [rk for _, rk, s in rounds if s == seed and rk <= k * (1 + 1e-9)]
+            if below:
+                out[("imp", k, seed)] = rounds[("imp", max(below), seed)]
     return out
 
 

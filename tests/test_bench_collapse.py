@@ -56,9 +56,9 @@ def test_bip_vs_imp_grid_expands_as_documented(tmp_path):
 
     plan = load_grid(REPO / "configs/grids/digits_bip_vs_imp.yml", tmp_path)
     assert plan.cells == 32
-    assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 2, "prune": 32, "finetune": 16}
+    assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 2, "prune": 24 + 2 * 21, "finetune": 16}
     epochs = {(r.cfg.prune.method, r.cfg.train.epochs) for r in plan.runs["prune"]}
-    assert epochs == {("bip", 2), ("hydra", 2), ("omp", 1), ("imp", 1)}
+    assert epochs == {("bip", 2), ("hydra", 2), ("omp", 1), ("imp", 1)}  # imp: 1 per round, 21 rounds
     assert {r.cfg.prune.min_layer_keep for r in plan.runs["prune"]} == {10}
     assert {(r.cfg.train.epochs, r.cfg.train.rewind_epoch) for r in plan.runs["pretrain"]} == {(15, 15)}
 
@@ -76,3 +76,11 @@ def test_bip_vs_imp_counts_lineage_passes():
     df.loc[df["run_id"] == "b", "bip.variant"] = "reference"
     with pytest.raises(SystemExit):
         bench.lineage_passes(df)
+
+
+def test_bip_vs_imp_answers_a_requested_k_with_the_first_imp_round_below_it():
+    bench = _module("bip_vs_imp")
+    rounds = {("imp", round(0.8 ** r, 12), 1): f"round {r}" for r in range(1, 12)}
+    got = bench._imp_at_requested_k({("bip", 0.1, 1): "bip", ("bip", 0.512, 1): "bip", **rounds})
+    assert got == {("bip", 0.1, 1): "bip", ("bip", 0.512, 1): "bip",
+                   ("imp", 0.1, 1): "round 11", ("imp", 0.512, 1): "round 3"}
