@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bip import gsync, masking
+from bip import gsync, imp, masking
 from bip.config import load_config
 from bip.layers import LayerFactory, score_grad
 from bip.methods import all_reduce_grads, create_method
@@ -40,9 +40,11 @@ def config(method: str):
     if method == "finetune":
         return load_config([], base + ["run.stage=finetune", "prune.layer_type=unstructured", "prune.k=0.3"])
     name, _, variant = method.partition("-")
+    # An IMP round prunes at most imp_rate of what its parent (here: dense) kept.
+    k = "prune.k=0.5" if name == "imp" else "prune.k=0.3"
     extra = ["prune.imp_rate=0.5"] if name == "imp" else []
     return load_config([], base + extra + [
-        "run.stage=prune", "prune.layer_type=unstructured", "prune.k=0.3", f"prune.method={name}",
+        "run.stage=prune", "prune.layer_type=unstructured", k, f"prune.method={name}",
         f"bip.variant={variant or 'paper'}", "prune.score_init=magnitude"])
 
 
@@ -66,7 +68,8 @@ def build(method: str, batch_norm: bool):
                 m.scores.uniform_()
         masking.refresh_masks(model, cfg.prune.k)
     if method == "imp":
-        rewind = {k: v.clone() for k, v in model.state_dict().items()}
+        rewind = imp.Source(density=1.0, round=0,  # round 1, from a dense parent
+                            rewind={k: v.clone() for k, v in model.state_dict().items()})
         with torch.no_grad():  # the run's weights have moved away from the rewind point
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
