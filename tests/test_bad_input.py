@@ -96,6 +96,7 @@ TRAIN_CASES = {
     "bip gamma -inf": (["bip.gamma=-inf"], "bip.gamma must be > 0", "cli"),
     "label smoothing 5": (["train.label_smoothing=5"], "train.label_smoothing=5.0 is out of range", "cli"),
     "num workers -1": (["data.num_workers=-1"], "data.num_workers must be >= 0", "cli"),
+    "input size -1": (["model.input_size=-1"], "model.input_size must be >= 0, got -1", "cli"),
     "compile backend": (["train.compile=true", "train.compile_backend=tvm"],
                         "train.compile_backend='tvm' is not valid; choose one of: inductor", "cli"),
     "momentum 1.5": (["optim.momentum=1.5"], "optim.momentum=1.5 is out of range", "cli"),
