@@ -294,6 +294,20 @@ def _released_steps(model, epochs, batches, lr, lr2, wd, aliased):
                 model(x_t)  # the logging forward
 
 
+def _ours_and_released(layer_type: str, k: float):
+    """Our float64 resnet20s with random scores, and the released model holding the same
+    tensors (strict load: every weight, score and BN tensor is matched by name)."""
+    torch.manual_seed(0)
+    ours = create_model("resnet20s", 10, layer_type).double()
+    with torch.no_grad():
+        for _, m in masking.masked_layers(ours):
+            m.scores.normal_()
+    released = _RelResNet20s(layer_type, k).double()
+    released.load_state_dict({n.replace("scores", "popup_scores"): v for n, v in ours.state_dict().items()
+                              if not n.endswith("mask")})
+    return ours, released
+
+
 @pytest.mark.parametrize("aliased", [True, False], ids=["scaled-score-init", "random-scores"])
 @pytest.mark.parametrize("layer_type", ["unstructured", "filter", "channel"])
 def test_reference_variant_is_bitwise_the_released_step(layer_type, aliased):
@@ -301,16 +315,7 @@ def test_reference_variant_is_bitwise_the_released_step(layer_type, aliased):
     tensor equal to the last bit (the channel case drifted to 1e-11 before avg_pool2d, the
     released IG op order and its lr arithmetic were matched)."""
     k, lr, lr2, wd, epochs = 0.8, 0.1, 0.1, 1e-4, 2
-    torch.manual_seed(0)
-    ours = create_model("resnet20s", 10, layer_type).double()
-    with torch.no_grad():
-        for _, m in masking.masked_layers(ours):
-            m.scores.normal_()
-    released = _RelResNet20s(layer_type, k).double()
-    missing, unexpected = released.load_state_dict(
-        {n.replace("scores", "popup_scores"): v for n, v in ours.state_dict().items()
-         if not n.endswith("mask")}, strict=False)
-    assert not missing and not unexpected
+    ours, released = _ours_and_released(layer_type, k)
     if not aliased:  # released train.py: weights x 1/sqrt(k) when scores are not the weights
         with torch.no_grad():
             for m in released.modules():
@@ -362,14 +367,7 @@ def _released_hydra_steps(model, epochs, batches, lr, wd, aliased, k):
 @pytest.mark.parametrize("layer_type", ["unstructured", "filter", "channel"])
 def test_hydra_reference_variant_is_bitwise_the_released_run(layer_type, aliased):
     k, lr, wd, epochs = 0.1, 0.1, 5e-4, 2
-    torch.manual_seed(0)
-    ours = create_model("resnet20s", 10, layer_type).double()
-    with torch.no_grad():
-        for _, m in masking.masked_layers(ours):
-            m.scores.normal_()
-    released = _RelResNet20s(layer_type, k).double()
-    released.load_state_dict({n.replace("scores", "popup_scores"): v for n, v in ours.state_dict().items()
-                              if not n.endswith("mask")})
+    ours, released = _ours_and_released(layer_type, k)
     cfg = prune_cfg(f"prune.layer_type={layer_type}", "prune.method=hydra", "prune.variant=reference",
                     f"prune.score_init={'magnitude' if aliased else 'kaiming'}", f"prune.k={k}",
                     f"optim.lr={lr}", f"optim.wd={wd}", f"train.epochs={epochs}")
