@@ -68,7 +68,7 @@ def run_part(name: str, args) -> list[dict]:
     if name == "imagenet":
         return P.imagenet_slice(device, s, args.quick)
     if name == "invariance":
-        return P.invariance(device, s) + P.invariance_tests(device, s, timeout=75)
+        return P.invariance(device, s) + P.invariance_tests(device, s, timeout=75, quick=args.quick)
     precision, cl = {"compile_bf16": ("bf16", False), "compile_bf16_cl": ("bf16", True),
                      "compile_fp32": ("fp32", False)}[name]
     return P.step_cost_rows(device, s, precision, cl, compiled=True, methods=s.compile_methods)

@@ -41,6 +41,8 @@ def test_quick_run_covers_every_part_without_submitit_or_ffcv(tmp_path):
     graphs = [r for r in rows if r["check"].startswith("graphs compiled")]
     assert len(graphs) == 3 and all(r["result"].endswith(", 0 after") for r in graphs)
     assert (out.parent / "check_logs" / "syncs.log").is_file()
+    suite = [r for r in rows if r["check"] == "pytest tests/test_invariance.py"]  # make test runs it
+    assert len(suite) == 1 and re.match(r"\d+ tests collected .*\(--quick: collected, not run\)", suite[0]["result"])
 
 
 @pytest.mark.slow
