@@ -17,7 +17,6 @@ from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 
 from bip.data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, register_dataset
 from bip.errors import BipError
@@ -81,6 +80,9 @@ def _splits(root: Path):
     if (root / "train.lmdb").exists() and (root / "val.lmdb").exists():
         return LmdbImages(root / "train.lmdb"), LmdbImages(root / "val.lmdb")
     if (root / "train").is_dir() and (root / "val").is_dir():
+        # Imported here: torchvision.datasets pulls in torchvision.models and torch._dynamo
+        # (~1.5 s), which every run of every other dataset would pay at start-up.
+        from torchvision.datasets import ImageFolder
         return ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
     raise BipError(f"ImageNet: {root} has neither train.lmdb + val.lmdb nor train/ + val/ class "
                    "folders; datasets are never downloaded implicitly")
@@ -88,7 +90,7 @@ def _splits(root: Path):
 
 def _imagenet(cfg, num_classes: int = 0) -> DatasetSpec:
     train, test = _splits(Path(cfg.data_dir))
-    classes = len(train.classes) if isinstance(train, ImageFolder) else 1000
+    classes = 1000 if isinstance(train, LmdbImages) else len(train.classes)
     return DatasetSpec(classes, train, test, IMAGENET_MEAN, IMAGENET_STD, style="imagenet",
                        image_size=cfg.image_size or 224)
 
