@@ -21,10 +21,13 @@ def cli(*args, cwd=ROOT):
                           text=True, timeout=600)
 
 
+SMALL = ["data.synthetic_size=1024", "data.batch_size=64"]  # 2 epochs of 16 steps: ~90% here
+
+
 def test_smoke_command_writes_a_run_folder(tmp_path):
     proc = cli("--configs", "configs/CIFAR10/pretrain.yml", "--arch", "resnet20s", "--dataset",
                "synthetic", "--epochs", "2", "--seed", "1", "--exp-name", "smoke",
-               "--result-dir", str(tmp_path))
+               "--result-dir", str(tmp_path), *SMALL)
     assert proc.returncode == 0, proc.stderr
     run_dir = Path(proc.stdout.strip().splitlines()[-1])  # the last line is the run folder
     assert run_dir.parent.parent == tmp_path and run_dir.name == "seed_1"
@@ -38,7 +41,7 @@ def test_smoke_command_writes_a_run_folder(tmp_path):
     assert config["config"]["run"]["exp_name"] == "smoke" and "git_sha" in config["provenance"]
     # done means done: the same command trains nothing and prints the same folder
     again = cli("--configs", "configs/CIFAR10/pretrain.yml", "--arch", "resnet20s", "--dataset",
-                "synthetic", "--epochs", "2", "--seed", "1", "--result-dir", str(tmp_path))
+                "synthetic", "--epochs", "2", "--seed", "1", "--result-dir", str(tmp_path), *SMALL)
     assert again.stdout.strip().splitlines()[-1] == str(run_dir)
 
 
