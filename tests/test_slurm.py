@@ -284,8 +284,9 @@ def test_after_scancel_of_a_running_pretrain_status_wait_and_collect_agree(tmp_p
     # resubmit it (a cancelled run is not done): status and the index are read in between.
     poll(lambda: state.job_states([job]).get(job) == "CANCELLED", what="the cancel")
     child = manifest(root, "cancel")["cells"][prune]["job_id"]  # afterany: it starts, finds its
-    # parent not done and ends blocked. Polled through the launcher's own reader, which must
-    # list the job (an empty sacct answer, as in one CI run, is not "ended").
+    # parent not done and ends blocked. Polled through the launcher's own reader: while the
+    # array is pending, `sacct -j <id>_0` lists nothing (its record is <id>_[0]), and a job
+    # that is not listed has not ended.
     poll(lambda: state.job_states([child]).get(child, "PENDING") not in state.ACTIVE,
          what="the prune job to end")
     waited = subprocess.run([sys.executable, str(REPO / "launch" / "collect.py"), str(root)],
