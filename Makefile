@@ -26,10 +26,12 @@ demo: venv
 	$(BIN)/python launch/grid.py configs/grids/demo.yml --local --root $(DEMO_ROOT)
 	$(BIN)/python launch/collect.py $(DEMO_ROOT) --plots
 
-# Two pytest-xdist workers, one test file each at a time (module fixtures stay in one worker);
-# the Slurm file runs first, mostly waiting on its jobs, beside the CPU-bound files.
+# The import contracts of setup.cfg first (seconds), then two pytest-xdist workers, one test
+# file each at a time (module fixtures stay in one worker); the Slurm file runs first, mostly
+# waiting on its jobs, beside the CPU-bound files.
 TEST_WORKERS ?= 2
 test: venv
+	$(BIN)/lint-imports --config setup.cfg
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:

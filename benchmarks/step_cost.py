@@ -9,7 +9,7 @@ Same model, same batch, interleaved rounds (dense, hydra, bip, bip-reference, ma
 so machine noise hits every method alike; prints medians and ratios. Goals (CIFAR resnet18):
 hydra <= 1.05x dense (GPU: 1.1x), bip <= 2.1x dense, mask update <= 2% of a (hydra) step and
 <= 63 ms on the 2-core CPU machine (the sync-free global top-k over 11.2M scores).
---channels-last / --compile apply train.channels_last / train.compile (bip.speed) to every
+--channels-last / --compile apply train.channels_last / train.compile (bip.train.compile) to every
 method's model; the warm-up rounds compile each pass kind once, and the table reports how many
 graphs were compiled after them (0: no step recompiles).
 """
@@ -23,11 +23,12 @@ import time
 
 import torch
 
-from bip import masking
+from bip.pruning import masking
 from bip.config import load_config
-from bip.methods import create_method
+from bip.methods.registry import create_method
 from bip.models import create_model
-from bip.speed import CompileCounter, compile_model, to_channels_last
+from bip.testing.compile import CompileCounter
+from bip.train.compile import compile_model, to_channels_last
 
 
 def build(arch: str, method: str, device: torch.device, precision: str, layer_type: str,
@@ -42,7 +43,7 @@ def build(arch: str, method: str, device: torch.device, precision: str, layer_ty
     cfg = load_config([], overrides)
     torch.manual_seed(0)
     model = create_model(arch, 10, "dense" if stage == "pretrain" else layer_type).to(device)
-    if channels_last:   # bip.speed.prepare_model, with the benchmark's compile counter
+    if channels_last:   # bip.train.compile.prepare_model, with the benchmark's compile counter
         to_channels_last(model)
     if compiler is not None:
         compile_model(model, backend=compiler)

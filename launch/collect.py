@@ -4,7 +4,7 @@ Jobs never append to a shared file; this scan can be re-run at any time and give
 byte-identical CSV for the same folders. ``python launch/collect.py ROOT [--plots] [--out DIR]``;
 ``collect(root)`` is the library entry point (the launcher's ``--wait`` and the demo call it).
 
-``status`` is launch/state.py's, the same function ``grid.py --status`` and ``--wait`` use:
+``status`` is launch/status.py's, the same function ``grid.py --status`` and ``--wait`` use:
 the run folder (files + lease) and, when sacct is available, the Slurm state of the job that
 any grid manifest under ROOT records for the run. A corrupt run (damaged result.json,
 final.pt or config.yaml) gets a row with the path, whatever its files still give, and a
@@ -26,20 +26,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/collect.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bip.atomic import write_bytes as write_atomic  # noqa: E402
+from bip.rundir.atomic import write_bytes as write_atomic  # noqa: E402
 from bip.config import SECTIONS, OneLineParser  # noqa: E402
+from bip.config.schema import method_label  # noqa: E402
 from bip.errors import BipError  # noqa: E402
-from bip.identity import METRICS  # noqa: E402
-from bip.runfolder import inspect  # noqa: E402
+from bip.config import identity  # noqa: E402
+from bip.config.identity import METRICS  # noqa: E402
+from bip.rundir.folder import inspect  # noqa: E402
 from launch import plots as plotting  # noqa: E402
-from launch import state as run_state  # noqa: E402
+from launch import manifest as manifests, slurm as slurm_acct, status as run_status  # noqa: E402
 
 INDEX, SUMMARY = "index.csv", "summary.md"
 # From RUN/export.json (python -m bip.export, or a grid's export stage), when there is one.
-EXPORT, EXPORT_COLUMNS = "export.json", (
+EXPORT_COLUMNS = (
     "params_thin", "macs_thin", "latency_ms", "latency_ms_dense", "speedup", "latency_batch",
     "latency_device")
-STATUSES = run_state.STATES
+STATUSES = run_status.STATES
 # bip/compute.py: this run's training passes, FLOPs and seconds, and its lineage's.
 COMPUTE_COLUMNS = ("train_passes", "train_forward_passes", "train_backward_passes", "train_flops",
                    "wall_time_s", "lineage_train_passes", "lineage_train_flops", "lineage_wall_time_s")
@@ -58,7 +60,6 @@ _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction
     "params_dense", "params_effective", "macs_dense", "macs_effective", "collapsed", "imp_round", "epochs",
     *COMPUTE_COLUMNS, "device", "world_size", "global_batch_size",
 )
-_CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
 _STAGE_ORDER = {"pretrain": 0, "prune": 1, "finetune": 2}
 
 
@@ -135,10 +136,10 @@ def read_run(root: Path, rel: str, found) -> dict:
 
 
 def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
-    """status (and error) of every row: launch.state.combine over folder, lease, Slurm, parent."""
-    jobs = run_state.all_jobs(root)
+    """status (and error) of every row: launch.status.combine over folder, lease, Slurm, parent."""
+    jobs = manifests.all_jobs(root)
     wanted = [jobs[rel]["job_id"] for rel, f in found.items() if f.state != "done" and rel in jobs]
-    sacct = run_state.job_states(wanted) if slurm and wanted else {}
+    sacct = slurm_acct.job_states(wanted) if slurm and wanted else {}
     by_path = {row["path"]: row for row in rows}
     decided: dict[str, str] = {}
 
@@ -151,7 +152,7 @@ def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
         if parent_rel in by_path and parent_rel not in seen:
             parent = decide(parent_rel, seen | {rel})
         job = jobs.get(rel, {}).get("job_id")
-        status, detail = run_state.combine(found[rel], sacct.get(job, "") if job else "", parent, job)
+        status, detail = run_status.combine(found[rel], sacct.get(job, "") if job else "", parent, job)
         row["status"] = status
         if status in ("failed", "corrupt", "blocked"):
             row["error"] = detail
@@ -167,7 +168,7 @@ def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
 def _export_fields(folder: str) -> dict:
     """The export columns; an unreadable export.json leaves them empty (the run is still done)."""
     try:
-        doc = json.loads(Path(folder, EXPORT).read_bytes())
+        doc = json.loads(Path(folder, identity.EXPORT).read_bytes())
         fields = {"params_thin": (doc.get("params") or {}).get("thin"),
                   "macs_thin": (doc.get("macs") or {}).get("thin")}
     except (OSError, ValueError, AttributeError):
@@ -183,8 +184,7 @@ def _config_fields(doc: dict) -> dict:
     stage = flat.get("run.stage")
     fields = {
         "run_id": doc["run_id"], "parent_id": doc["parent_id"] or "", "stage": stage,
-        # A pretrain config still carries prune.method's default; a finetune's is its mask's method.
-        "method": "dense" if stage == "pretrain" else flat.get("prune.method"),
+        "method": method_label(stage, flat.get("prune.method")),
         "dataset": flat.get("data.dataset"), "arch": flat.get("model.arch"),
         "layer_type": flat.get("prune.layer_type"), "k": flat.get("prune.k"),
         "seed": flat.get("run.seed"),

@@ -37,14 +37,14 @@ _NOT_A_SETTING = {"prune.k", "run.parent", "run.source_sha256", "run.stage", "da
 
 
 def _setting(row: dict, cache: dict) -> tuple:
-    """The result-affecting settings of a run (bip.identity.hashed_fields of its config: the
+    """The result-affecting settings of a run (bip.config.identity.hashed_fields of its config: the
     fields that differ from their defaults and that its stage and method read) as sorted pairs,
     minus _NOT_A_SETTING."""
-    from bip.identity import _NOT_HASHED
+    from bip.config.identity import _NOT_HASHED
     fields = tuple(sorted((k, v) for k, v in row.items() if "." in k and k not in _NOT_HASHED))
     if fields not in cache:
         from bip.config import build_config
-        from bip.identity import hashed_fields
+        from bip.config.identity import hashed_fields
         try:
             hashed = hashed_fields(build_config([(k, v, "index") for k, v in fields if v is not None]))
         except BipError:  # a config of another bip version: its own fields, as written
@@ -133,11 +133,11 @@ def _labels(curves: dict[tuple, dict]) -> dict[tuple, str]:
 
 
 def _unused_fields(row: dict | None) -> set[str]:
-    """The config fields a run's stage and method do not read (bip.identity), {} if unknown."""
+    """The config fields a run's stage and method do not read (bip.config.identity), {} if unknown."""
     if row is None:
         return set()
     from bip.config import build_config
-    from bip.identity import _NOT_HASHED, _unused
+    from bip.config.identity import _NOT_HASHED, _unused
     try:
         return _unused(build_config([(k, v, "index") for k, v in row.items()
                                      if "." in k and k not in _NOT_HASHED and v is not None]))
@@ -336,7 +336,7 @@ def _typed(text: str):
 def main(argv: list[str] | None = None) -> int:
     """``python launch/plots.py INDEX.csv [--out DIR]``: the accuracy-vs-sparsity panels and,
     where the index has compute columns, the accuracy-vs-compute plots of any index."""
-    from bip.atomic import write_bytes
+    from bip.rundir.atomic import write_bytes
     from bip.config import OneLineParser
     parser = OneLineParser(prog="plots.py", description=main.__doc__.split("\n")[0])
     parser.add_argument("index", type=Path, help="an index.csv (launch/collect.py)")

@@ -6,9 +6,10 @@ with a no-op default keeps every old id). Paths, worker counts and labels are no
 seed is the sub-folder, so replicates are siblings:
 
     <root>/<run id>/seed_<seed>/{owner.json, config.yaml, metrics.jsonl, checkpoint.pt, mask.pt,
-                                 final.pt, result.json, error.json, error.rank<N>.json}
+                                 final.pt, result.json, error.json, error.rank<N>.json,
+                                 export.json, dense.pt, thin.pt, ...}
 
-(bip/runfolder.py owns what these files mean and when they are written.)
+(bip/rundir/folder.py owns what these files mean and when they are written.)
 
 A stage started from another run names it by id (run.parent); a hand-made source checkpoint
 (run.source_net) is hashed by content.
@@ -23,11 +24,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from bip.config import SECTIONS, Config
-from bip.names import safe_component  # noqa: F401  (the one name -> folder mapping, re-exported)
+from bip.config.names import safe_component
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
 MASK, RESULT, ERROR, REWIND = "mask.pt", "result.json", "error.json", "rewind.pt"
 FINAL, OWNER = "final.pt", "owner.json"
+EXPORT = "export.json"  # python -m bip.export's record (result.json is never modified)
 
 
 def rank_error(rank: int) -> str:
@@ -44,7 +46,7 @@ _NOT_HASHED = {
     # so raising it resumes the stopped run in its own folder.
     "train.max_nonfinite_steps",
     "prune.on_collapse",  # likewise: whether a disconnected network stops the run
-    # How fast the same computation runs (bip.speed): round-off only, like the device.
+    # How fast the same computation runs (bip.train.compile): round-off only, like the device.
     "train.channels_last", "train.compile", "train.compile_backend",
     "train.log_with",  # where the metrics are also sent, not what they are
 }
@@ -118,10 +120,9 @@ def config_hash(cfg: Config) -> str:
 
 
 def run_id(cfg: Config) -> str:
-    method = cfg.prune.method if cfg.run.stage == "finetune" else cfg.method
     dataset = safe_component(cfg.data.dataset, "data.dataset")
     arch = safe_component(cfg.model.arch, "model.arch")
-    return f"{dataset}-{arch}-{cfg.run.stage}-{method}-{config_hash(cfg)}"
+    return f"{dataset}-{arch}-{cfg.run.stage}-{cfg.method_label}-{config_hash(cfg)}"
 
 
 def run_dir(cfg: Config, root: str | Path | None = None) -> Path:

@@ -12,6 +12,12 @@ value such as ``../../x``, ``/etc``, ``''`` or ``a;rm -rf b`` is a one-line erro
 - A *root* (run.result_dir, a grid's ``root:`` / ``--root``) is a path of such pieces (plus ``/``,
   ``~``, ``+``, ``,``, ``=``, ``@``): no whitespace, quotes or shell metacharacters, because it is
   written into sbatch scripts and job logs.
+
+The catalogue of built-in architectures and datasets lives here too, readable without importing
+torch: the registries (bip.models, bip.data) refuse to register a name missing from it, and a
+test checks that nothing here is stale, so ``grid.py --dry-run`` validates every cell in half a
+second. A ``prefix:name`` arch (another zoo's model) passes the charset check here and is
+resolved by bip.models, which the launcher asks itself (it may import torch).
 """
 from __future__ import annotations
 
@@ -66,3 +72,39 @@ def check_root(what: str, value: str | Path, writable: bool = True) -> Path:
     if writable and not os.access(probe, os.W_OK | os.X_OK):
         raise BipError(f"{what}={str(value)!r}: {probe} is not writable")
     return path
+
+
+# -- the catalogue ------------------------------------------------------------------------------
+
+MODELS = frozenset({
+    "resnet20s", "resnet32s", "resnet44s", "resnet56s", "resnet110s",          # resnet_s.py
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",              # resnet_cifar.py
+    "ResNet18", "ResNet34", "ResNet50",                                        # resnet_imagenet.py
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",  # vgg.py
+    "wrn_28_10", "wrn_28_4", "wrn_34_10", "wrn_40_2",                          # wide_resnet.py
+})
+DATASETS = frozenset({"CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "ImageNetOrigin", "digits",
+                      "synthetic"})
+ZOO_PREFIXES = ("tv:", "timm:")  # archs of another model zoo (bip.models.external builds them)
+
+
+def listed(kind: str, name: str) -> str:
+    """Registries call this: a built-in name must be listed here (so the launcher knows it)."""
+    if ":" not in name and name not in (MODELS if kind == "model" else DATASETS):
+        raise ValueError(f"{kind} {name!r} is not listed in bip/config/names.py; add it there")
+    return name
+
+
+def check_arch(arch: str) -> None:
+    """A built-in arch, or one with a zoo prefix (which only bip.models can resolve further)."""
+    if arch.startswith(ZOO_PREFIXES):
+        return
+    if ":" in arch:
+        raise BipError(f"unknown model zoo in arch {arch!r}; use one of: {', '.join(ZOO_PREFIXES)}")
+    if arch not in MODELS:
+        raise BipError(f"unknown arch {arch!r}; choose one of: {', '.join(sorted(MODELS))}")
+
+
+def check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise BipError(f"unknown dataset {dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")

@@ -8,19 +8,14 @@ unknown key is an error that names the closest valid keys.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import difflib
 import math
-import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 
 from bip.errors import BipError
-from bip.names import check_name, check_root_text
+from bip.config.names import check_name, check_root_text
 
 STAGES = ("pretrain", "prune", "finetune")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
@@ -200,8 +195,8 @@ class TrainConfig:
     steps_per_epoch: int = 0        # > 0 caps each epoch (benchmarks, smoke runs); 0 = full
     rewind_epoch: int = -1          # pretrain: epoch whose weights IMP rewinds to (-1: 5% of epochs)
     max_nonfinite_steps: int = 0    # steps with a non-finite loss/weight/score skipped before the
-                                    # run stops (0: the first one stops it; bip.nonfinite)
-    # Speed options (bip.speed; not hashed: they change float round-off, not the algorithm).
+                                    # run stops (0: the first one stops it; bip.train.nonfinite)
+    # Speed options (bip.train.compile; not hashed: they change float round-off, not the algorithm).
     channels_last: bool = False     # model and input batches in channels_last memory format
     compile: bool = False           # torch.compile the model (in place; one graph per pass kind)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: debugging)
@@ -211,7 +206,7 @@ class TrainConfig:
     # the Slurm profile (nodes x tasks_per_node) by the launcher; train() checks it.
     world_size: int = 1
     sync_bn: bool = False           # under DDP: BatchNorm -> SyncBatchNorm (global batch statistics)
-    log_with: str = "none"          # none | tensorboard | wandb: per-epoch metrics to a tracker (bip.tracking)
+    log_with: str = "none"          # none | tensorboard | wandb: per-epoch metrics to a tracker (bip.train.tracking)
 
     def __post_init__(self):
         _check_choice("train.log_with", self.log_with, ("none", "tensorboard", "wandb"))
@@ -255,6 +250,12 @@ class RunConfig:
             raise BipError("give either run.source_net or run.parent, not both")
 
 
+def method_label(stage: str, prune_method: str) -> str:
+    """dense for pretrain; otherwise the prune method that made (or will make) the mask (a
+    pretrain config still carries prune.method's default; a finetune's is its mask's method)."""
+    return "dense" if stage == "pretrain" else prune_method
+
+
 SECTIONS = {
     "data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "bip": BipConfig,
     "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
@@ -280,9 +281,9 @@ class Config:
             raise BipError(f"stage {stage} needs a pruned layer type (unstructured, filter, channel or nm)")
 
     @property
-    def method(self) -> str:
-        """What trains in this run: dense (pretrain), finetune, or the prune method."""
-        return {"pretrain": "dense", "finetune": "finetune"}.get(self.run.stage, self.prune.method)
+    def method_label(self) -> str:
+        """The method a run id, a checkpoint's meta, result.json and the index name (method_label)."""
+        return method_label(self.run.stage, self.prune.method)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         # Every field is a scalar: a shallow copy equals dataclasses.asdict, 10x faster (grids
@@ -411,40 +412,6 @@ _FIELD_TYPES = {f"{s}.{f.name}": {"int": int, "float": float, "bool": bool, "str
                 for s, cls in SECTIONS.items() for f in fields(cls)}
 
 
-def flatten_yaml(data: Any, origin: str) -> list[tuple[str, Any, str]]:
-    """YAML mapping -> (dotted key, value, origin) in file order; nested sections allowed."""
-    if data is None:
-        return []
-    if not isinstance(data, dict):
-        raise BipError(f"{origin}: expected a mapping of keys to values, got {type(data).__name__}")
-    out = []
-    for key, value in data.items():
-        key = str(key)
-        if key in SECTIONS and isinstance(value, dict):
-            out += [(f"{key}.{sub}", v, origin) for sub, v in value.items()]
-        else:
-            out.append((key, value, origin))
-    return out
-
-
-def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise BipError(f"config file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise BipError(f"cannot read {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise BipError(f"{path}: not UTF-8 text (byte {err.start}); a YAML file is expected") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        line = getattr(getattr(err, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise BipError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-
-
 def build_config(overrides: Iterable[tuple[str, Any, str]], base: Config | None = None) -> Config:
     """Apply (key, value, origin) overrides in order on top of ``base`` (default: defaults)."""
     values = (base or Config()).to_dict()
@@ -462,65 +429,3 @@ def build_config(overrides: Iterable[tuple[str, Any, str]], base: Config | None 
                 val = ",".join(str(v) for v in val)
             values[section][name] = _coerce(_FIELD_TYPES[dotted], val, dotted)
     return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
-
-
-def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
-                flags: dict[str, Any] | None = None) -> Config:
-    """YAML files, then seed-style ``flags`` (flat keys), then ``section.key=value`` strings.
-    train.world_size starts from the environment's WORLD_SIZE (torchrun, accelerate launch), so
-    a run started under torchrun gets the identity of its process count."""
-    items: list[tuple[str, Any, str]] = [("train.world_size", os.environ.get("WORLD_SIZE") or 1,
-                                          "environment (WORLD_SIZE)")]
-    for path in yaml_files:
-        items += flatten_yaml(read_yaml(path), str(path))
-    items += [(key, value, "flag") for key, value in (flags or {}).items()]
-    for text in overrides:
-        key, sep, value = text.partition("=")
-        if not sep or not key:
-            raise BipError(f"expected section.key=value, got {text!r}")
-        # Kept as text: _coerce converts it to the field's type ("no" stays a string).
-        items.append((key.strip(), value.strip(), "cli"))
-    return build_config(items)
-
-
-# ------------------------------------------------------------------------------------------
-# Command line of `python -m bip.train`: the seed README's flags + key=value.
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a BipError (one line, exit 2), not a usage dump.
-    Abbreviations are refused: ``--epoch`` must not silently mean ``--epochs`` (nor ``--lay``
-    a layer type), since a later flag could make the abbreviation ambiguous or mean another."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        raise BipError(f"{self.prog}: {message}")
-
-
-def argument_parser(prog: str = "bip-train") -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description="Pretrain, prune (BiP, HYDRA, OMP, IMP, random) or "
-                "finetune one model. Flags of the original BiP README; any other field as "
-                "section.key=value (e.g. bip.gamma=10 optim.wd=1e-4).")
-    p.add_argument("--configs", action="append", default=[], metavar="YAML",
-                   help="YAML preset(s), applied in order (e.g. configs/CIFAR10/bip.yml)")
-    for flag, meta in [("--exp-mode", "pretrain|prune|finetune"), ("--trainer", "base|bilevel"),
-                       ("--dataset", None), ("--k", "KEPT_FRACTION"), ("--source-net", "CKPT"),
-                       ("--arch", None), ("--resume", "CKPT"), ("--layer-type", None),
-                       ("--seed", None), ("--exp-name", None), ("--epochs", None),
-                       ("--batch-size", None), ("--lr", None), ("--result-dir", "DIR"),
-                       ("--data-dir", "DIR")]:
-        p.add_argument(flag, metavar=meta)
-    p.add_argument("--normalize", action="store_true", default=None)
-    p.add_argument("--scaled-score-init", action="store_true", default=None,
-                   help="scores start as a copy of the weights (first mask = global magnitude)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p
-
-
-def config_from_argv(argv: list[str] | None = None) -> Config:
-    # Intermixed: key=value overrides may stand before, between and after the flags.
-    args = argument_parser().parse_intermixed_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("configs", "overrides") and v is not None}
-    return load_config(args.configs, args.overrides, flags)

@@ -1,4 +1,4 @@
-"""Channel dependency analysis for bip.thin: which channel positions of a traced model are
+"""Channel dependency analysis for bip.export.thin: which channel positions of a traced model are
 coupled (one class = one coupled channel group), which are pinned, which are constant.
 
 Every channel position of every traced tensor is a *slot*; ops that keep channels aligned
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bip.models.resnet_s import ZeroPadShortcut
-from bip.thin_modules import ChannelScatter
+from bip.export.modules import ChannelScatter
 
 _BN = nn.modules.batchnorm._BatchNorm
 # Channel-aligned leaf modules and functions: output channel i is input channel i, and a

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bip.layers import MaskedLayer
+from bip.pruning.layers import MaskedLayer
 
 
 def nm_groups(mask: torch.Tensor, m: int) -> torch.Tensor | None:
@@ -52,7 +52,7 @@ def to_semi_structured(model: nn.Module, layers: list[str],
     reject stay dense)."""
     from torch.sparse import to_sparse_semi_structured
 
-    from bip.thin import dense_copy
+    from bip.export.thin import dense_copy
     dense = dense_copy(model).eval().to(device=device, dtype=torch.bfloat16)
     converted = []
     for name in layers:

@@ -1,17 +1,14 @@
-"""Exports of a finished run, and model accounting.
+"""Exports of a finished run.
 
 ``python -m bip.export RUN_DIR [--thin] [--onnx] [--latency] [--nm-sparse]``:
 - always: ``dense.pt``, the pruned model as a plain dense state dict with exact zeros;
-- ``--thin``: ``thin.pt``, the physically thinned model (bip.thin), checked equal to the masked
+- ``--thin``: ``thin.pt``, the physically thinned model (bip.export.thin), checked equal to the masked
   one; ``load_thinned(path)`` rebuilds it (weights_only file: state + rebuild spec + meta);
 - ``--onnx``: ``thin.pt2`` (torch.export) and ``thin.onnx`` (needs the ``onnx`` extra);
-- ``--latency``: dense / masked / thinned forward latency (bip.latency) on this machine;
-- ``--nm-sparse``: N:M masks to semi-structured sparse weights (bip.nm_export).
+- ``--latency``: dense / masked / thinned forward latency (bip.export.latency) on this machine;
+- ``--nm-sparse``: N:M masks to semi-structured sparse weights (bip.export.nm).
 Results go to ``RUN_DIR/export.json`` (result.json of a finished run is never modified); the
 results index (launch/collect.py) shows them as columns.
-
-Accounting: effective counts use the masks the forward uses: a conv's effective MACs are its kept
-weights times its output positions (for groups = 1), the density-times-MACs convention of RigL.
 """
 from __future__ import annotations
 
@@ -22,65 +19,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from bip.layers import MaskedLayer
-from bip.models.swap import MaskedMultiheadAttention
+from bip.config import DataConfig, identity
+from bip.data import describe_dataset
+from bip.errors import BipError
+from bip.export.latency import headline, measure
+from bip.export.modules import apply_spec
+from bip.export.nm import check_pattern, nm_export, nm_of
+from bip.export.thin import dense_copy, thin
+from bip.models import create_model
+from bip.models.accounting import count_params_and_macs
+from bip.pruning.layers import MaskedLayer
+from bip.rundir import checkpoint
+from bip.rundir.atomic import atomic_write, write_json
 
 THIN_FORMAT = "bip-thin-1"
-FINAL = "final.pt"  # the published model of a finished run; older runs have only checkpoint.pt
-EXPORT = "export.json"
 TOLERANCE = 1e-4
-
-
-@torch.no_grad()
-def count_params_and_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
-    return macs_from_positions(model, layer_positions(model, input_shape))
-
-
-@torch.no_grad()
-def layer_positions(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[int, int]:
-    """{id(conv / linear module): output positions per sample} from one eval forward of a zero
-    batch of one (masks do not change positions, so a training run measures them once)."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    attention = [m for m in model.modules() if isinstance(m, MaskedMultiheadAttention)]
-    positions: dict[int, int] = {}
-
-    def record(module, _inputs, output):
-        # conv: output pixels; linear: tokens (1 for a flat vector, L for a sequence)
-        positions[id(module)] = output[0, 0].numel() if isinstance(module, nn.Conv2d) \
-            else output[0].numel() // output.shape[-1]
-
-    def record_attention(module, _inputs, output):
-        # Its projections run inside the attention kernel, not through their forward: one
-        # token count for both (exact for self-attention, the ViT case).
-        out = output[0] if module.batch_first else output[0].transpose(0, 1)
-        positions[id(module.in_proj)] = positions[id(module.out_proj)] = out[0].numel() // out.shape[-1]
-
-    handles = [m.register_forward_hook(record) for m in layers]
-    handles += [m.register_forward_hook(record_attention) for m in attention]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return positions
-
-
-@torch.no_grad()
-def macs_from_positions(model: nn.Module, positions: dict[int, int]) -> dict[str, int]:
-    """Parameter and MAC counts, dense and effective (the masks as they are now; reads the
-    mask counts, so it waits for the device: not for the hot path)."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    kept_of = {id(m): int(m.mask.count_nonzero()) for m in layers if isinstance(m, MaskedLayer)}
-    params_dense = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))
-    pruned = sum(m.weight.numel() - kept_of[id(m)] for m in layers if id(m) in kept_of)
-    macs_dense = sum(m.weight.numel() * positions.get(id(m), 0) for m in layers)
-    macs_effective = sum(kept_of.get(id(m), m.weight.numel()) * positions.get(id(m), 0) for m in layers)
-    return {"params_dense": params_dense, "params_effective": params_dense - pruned,
-            "macs_dense": macs_dense, "macs_effective": macs_effective}
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,14 +66,10 @@ def load_thinned(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     ``model``: the dense architecture to thin (default: built from the file's meta with
     ``bip.models.create_model(arch, num_classes, "dense")``); pass one for models that are not
     in the registry. Raises BipError for a file that is not a thinned model."""
-    from bip import checkpoint
-    from bip.errors import BipError
-    from bip.thin_modules import apply_spec
     obj = checkpoint.load(path, "thinned model")
     if obj.get("format") != THIN_FORMAT:
         raise BipError(f"{path} is not a thinned model (format {obj.get('format')!r})")
     if model is None:
-        from bip.models import create_model
         meta = obj["meta"]
         model = create_model(meta["arch"], meta["num_classes"], "dense", **meta.get("model_options", {}))
     apply_spec(model, obj["spec"])
@@ -150,13 +99,12 @@ def max_abs_diff(a: nn.Module, b: nn.Module, input_shape: tuple[int, ...], batch
 def export_thin(model: nn.Module, input_shape: tuple[int, ...], meta: dict) -> tuple[nn.Module, dict, dict]:
     """(thinned model, thin.pt content, summary) for a masked ``model``; raises if the thinned
     model does not compute the masked one's function (an internal error)."""
-    from bip.thin import thin
     model = model.eval()
     example = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
     thinned, spec, report = thin(model, example)
     diff, scale = max_abs_diff(model, thinned, input_shape)
     if not diff <= TOLERANCE * max(1.0, scale):
-        raise RuntimeError(f"thinned model differs from the masked one by {diff:.3g}: a bug in bip.thin")
+        raise RuntimeError(f"thinned model differs from the masked one by {diff:.3g}: a bug in bip.export.thin")
     masked = count_params_and_macs(model, input_shape)
     thin_counts = count_params_and_macs(thinned, input_shape)
     summary = {
@@ -177,12 +125,9 @@ def export_thin(model: nn.Module, input_shape: tuple[int, ...], meta: dict) -> t
 def load_run(run_dir: Path) -> tuple[nn.Module, dict]:
     """(masked model in eval mode, meta) of a finished run: its published ``final.pt``, or
     ``checkpoint.pt`` for runs that predate it. Raises BipError for anything else."""
-    from bip import checkpoint, identity
-    from bip.errors import BipError
-    from bip.models import create_model
     if not (run_dir / identity.RESULT).is_file():
         raise BipError(f"{run_dir} is not a finished run (no {identity.RESULT})")
-    path = run_dir / FINAL if (run_dir / FINAL).is_file() else run_dir / identity.CHECKPOINT
+    path = run_dir / identity.FINAL if (run_dir / identity.FINAL).is_file() else run_dir / identity.CHECKPOINT
     obj = checkpoint.load(path, "run model")
     if isinstance(obj.get("model"), dict):  # {"model": state, "meta": ...}, whatever the format tag
         state, meta = obj["model"], obj.get("meta") or {}
@@ -201,7 +146,6 @@ def load_run(run_dir: Path) -> tuple[nn.Module, dict]:
 
 
 def _result_meta(run_dir: Path) -> dict:
-    from bip import identity
     result = json.loads((run_dir / identity.RESULT).read_text())
     return {k: result[k] for k in ("arch", "layer_type", "k", "dataset", "run_id", "seed", "stage",
                                    "method") if k in result}
@@ -209,13 +153,9 @@ def _result_meta(run_dir: Path) -> dict:
 
 def input_shape_of(run_dir: Path, meta: dict, size: int | None = None) -> tuple[int, int, int]:
     """(3, S, S): S from ``size``, else the run's dataset resolution (config.yaml)."""
-    from bip.errors import BipError
     if size:
         return (3, size, size)
     from dataclasses import fields
-    from bip import identity
-    from bip.config import DataConfig
-    from bip.data import describe_dataset
     try:
         doc = json.loads((run_dir / identity.CONFIG).read_text())["config"]["data"]
         known = {f.name for f in fields(DataConfig)}
@@ -230,12 +170,10 @@ def input_shape_of(run_dir: Path, meta: dict, size: int | None = None) -> tuple[
 def prepare_run(run_dir: Path, thin: bool = False, input_size: int | None = None,
                 nm_sparse: bool = False):
     """(masked model, meta, input shape) of a run that can be exported as asked; BipError if not."""
-    from bip.errors import BipError
     model, meta = load_run(run_dir)
     if thin and meta["layer_type"] not in ("filter", "channel"):
         raise BipError(f"--thin needs a filter or channel run; {run_dir} is {meta['layer_type']}")
     if nm_sparse:
-        from bip.nm_export import check_pattern, nm_of
         n, m = nm_of(meta)
         if not check_pattern(model, n, m)["nm"]:
             raise BipError(f"--nm-sparse: no masked layer of {run_dir} keeps exactly {n} of every "
@@ -247,8 +185,6 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
                nm_sparse: bool = False, input_size: int | None = None, device: str = "cpu",
                log=print) -> dict:
     """Write the exports of one finished run and ``RUN_DIR/export.json``; returns its content."""
-    from bip import checkpoint
-    from bip.thin import dense_copy
     model, meta, shape = prepare_run(run_dir, thin, input_size, nm_sparse)
     doc: dict = {"status": "done", "run_id": meta.get("run_id"), "arch": meta["arch"],
                  "layer_type": meta["layer_type"], "k": meta.get("k"), "input_shape": list(shape),
@@ -272,16 +208,14 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
         if onnx:
             doc["files"].update(export_programs(thinned, shape, run_dir, log))
     if nm_sparse:
-        from bip.nm_export import nm_export
         doc["nm"] = nm_export(model, meta, device, log)
     if latency:
-        from bip.latency import headline, measure
         models = {"dense": dense_copy(model), "masked": model, "thin": thinned}
         doc["latency"] = measure({k: v for k, v in models.items() if v is not None}, shape, latency, device)
         doc.update(headline(doc["latency"]))
         log(f"latency ({doc['latency_device']}, batch {doc['latency_batch']}): thin "
             f"{doc['latency_ms']} ms, dense {doc['latency_ms_dense']} ms, speedup {doc['speedup']}x")
-    checkpoint.write_json(run_dir / EXPORT, doc)
+    write_json(run_dir / identity.EXPORT, doc)
     return doc
 
 
@@ -290,7 +224,6 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
     the run, right after it published its result. A failure is recorded in export.json and
     reported, but does not fail the finished run."""
     import traceback
-    from bip import checkpoint
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return export_run(run_dir, options.get("thin", False), options.get("onnx", False),
@@ -299,13 +232,12 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
     except Exception as err:  # noqa: BLE001 - the training result stands; say what went wrong
         log(traceback.format_exc(limit=4))
         doc = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-        checkpoint.write_json(run_dir / EXPORT, doc)
+        write_json(run_dir / identity.EXPORT, doc)
         return doc
 
 
 def export_programs(thinned: nn.Module, shape, run_dir: Path, log) -> dict:
     """thin.pt2 (torch.export, batch size dynamic) and, with the onnx extra, thin.onnx."""
-    from bip.atomic import atomic_write
     x = torch.randn(2, *shape)
     dims = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     program = torch.export.export(thinned.eval(), (x,), dynamic_shapes=dims)
@@ -330,7 +262,6 @@ def main(argv=None) -> int:
     finished runs -> dense-with-zeros weights, thinned models, latency, export.json."""
     import argparse
     import sys
-    from bip.errors import BipError
 
     p = argparse.ArgumentParser(prog="python -m bip.export", description=main.__doc__.split(":")[0])
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
@@ -354,7 +285,7 @@ def main(argv=None) -> int:
         for run_dir in args.run_dirs:
             export_run(run_dir, args.thin, args.onnx, latency, args.nm_sparse, args.input_size,
                        args.device, log=lambda text: print(text, file=sys.stderr))
-            print(run_dir / EXPORT)
+            print(run_dir / identity.EXPORT)
     except BipError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@ coupled layer adjusted, computing the same function as the masked model (eval mo
 
 How (torch.fx and our own dependency grouping; README "Thinned export" says why not Torch-Pruning):
 1. ``dense_copy``: masked layers become plain conv/linear layers holding W * M (exact zeros).
-2. The model is traced with torch.fx and run once on an example input; bip.thin_graph groups
+2. The model is traced with torch.fx and run once on an example input; bip.export.graph groups
    coupled channels (union-find over channel slots) and marks pinned and constant ones.
 3. A group is removed when nothing pins it (graph input/output, an op the analysis does not
    know) and every consumer that still reads it (nonzero weights in a kept filter) sees a
@@ -11,11 +11,11 @@ How (torch.fx and our own dependency grouping; README "Thinned export" says why 
    spatially uniform (through BatchNorm, ReLU, adds of constants, pooling, subsampling). Its
    value, read from the trace, is folded into the consumer: into the bias (linear layers, convs
    without zero padding), or for a zero-padded conv into FoldedConv2d's border-exact kernel
-   (bip.thin_modules). A group no consumer reads is removed whatever its producers hold (the
+   (bip.export.modules). A group no consumer reads is removed whatever its producers hold (the
    channel-pruning case). Removing filters can leave more inputs unread: step 3 iterates to a
    fixed point.
 4. Surgery: each leaf is replaced by a smaller one (sliced weights, BN statistics, folded
-   biases); the replacement list is the rebuild spec (bip.thin_modules.apply_spec).
+   biases); the replacement list is the rebuild spec (bip.export.modules.apply_spec).
 
 What coupling keeps (a channel one residual-stream layer pruned and another kept) stays as zero
 weights; ``thin`` reports those MACs.
@@ -30,9 +30,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from bip.errors import BipError
-from bip.layers import MaskedLayer
-from bip.thin_graph import _BN, RULES, Graph, Tracer, analyze
-from bip.thin_modules import FoldedConv2d, conv_args, set_module
+from bip.pruning.layers import MaskedLayer
+from bip.export.graph import _BN, RULES, Graph, Tracer, analyze
+from bip.export.modules import FoldedConv2d, conv_args, set_module
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

@@ -1,34 +1,23 @@
-"""Per-batch update rules: the only thing that differs between methods in the one loop.
+"""What every method shares: the Method interface the one loop drives, and its helpers.
 
 A Method prepares the model for its stage (score init, masks, which tensors train), owns its
 optimizers, and turns a step's batches into parameter updates. ``step`` returns on-device
-tensors (loss, correct, n) so the loop syncs with the device only when it logs.
-
-| method   | trains                                   | mask                                 |
-|----------|------------------------------------------|--------------------------------------|
-| dense    | everything (pretrain)                    | none                                 |
-| finetune | weights, biases, BN; pruned weights = 0  | fixed, from the source               |
-| hydra    | scores (+ BN affine); weights frozen     | top-k of |scores|, every step        |
-|  (ref.)  | prune.variant=reference: the released HYDRA run (bip.bip_reference.HydraReference) |
-| bip      | lower: weights on batch V; upper: scores | top-k of |scores|, every step        |
-| omp      | nothing (one-shot, finetune afterwards)  | magnitude (global, per layer or N:M) |
-| random   | nothing (one-shot, finetune afterwards)  | random                               |
-| imp      | weights, one round per run (bip/imp.py)  | -20% of the parent's by magnitude    |
+tensors (loss, correct, n) so the loop syncs with the device only when it logs. The methods
+themselves (one module per family) and their registry are listed in bip/methods/__init__.py.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bip import gsync, imp, masking
+from bip.pruning import masking
 from bip.config import Config
-from bip.errors import BipError
-from bip.optim import lr_at, make_optimizer, set_lr
+from bip.methods.gsync import world_size
+from bip.methods.optim import lr_at, set_lr
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,7 +30,7 @@ def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
 def all_reduce_grads(params: list[nn.Parameter]) -> None:
     """Average gradients over ranks by hand: BiP's two passes each update a different set of
     tensors, which DDP's per-backward bucket hooks cannot express."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch._utils._flatten_dense_tensors(grads)
@@ -140,178 +129,3 @@ class Method:
         self._backward(loss, batch[1])
         opt.step()
         return self._stats(loss, out, batch[1])
-
-
-class Dense(Method):
-    """Pretrain (dense) and finetune (fixed mask): every weight, bias and BN parameter trains."""
-
-    def __init__(self, cfg: Config, model: nn.Module):
-        super().__init__(cfg, model)
-        scores = masking.all_score_ids(model)
-        for p in model.parameters():
-            p.requires_grad_(id(p) not in scores)
-        if cfg.run.stage != "pretrain":
-            # Pruned weights start at exactly 0; their gradient M * dL/dZ is 0, so they stay 0.
-            masking.zero_pruned_weights(model)
-        o = cfg.optim
-        self.opt = make_optimizer(o.optimizer, [p for p in model.parameters() if p.requires_grad],
-                                  o.lr, o.momentum, o.wd, o.nesterov)
-        self.optimizers = {"weights": self.opt}
-
-    def step(self, batches, progress):
-        return self._sgd_step(self.opt, batches[0], self._lr(progress))
-
-
-class Hydra(Method):
-    """HYDRA: scores (and BN affine, prune.train_bn) train by SGD; weights stay frozen."""
-
-    def __init__(self, cfg: Config, model: nn.Module):
-        super().__init__(cfg, model)
-        masking.init_scores(model, cfg.prune.score_init)
-        masking.refresh_masks(model, cfg.prune.k)
-        trained = {id(p) for p in masking.score_parameters(model)}
-        if cfg.prune.train_bn:
-            trained |= {id(p) for p in bn_parameters(model)}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trained)
-        o = cfg.optim
-        self.opt = make_optimizer(o.optimizer, [p for p in model.parameters() if p.requires_grad],
-                                  o.lr, o.momentum, o.wd, o.nesterov)
-        self.optimizers = {"scores": self.opt}
-
-    def step(self, batches, progress):
-        stats = self._sgd_step(self.opt, batches[0], self._lr(progress))
-        masking.refresh_masks(self.core, self.cfg.prune.k)
-        return stats
-
-
-class BipPaper(Method):
-    """BiP as in the paper (Alg. A1): per step, one lower SGD step on the weights theta
-    (weights, biases, BN affine; lr alpha, ridge = weight decay) on batch V with the mask
-    fixed, then on a different batch T at the updated theta one SGD step on the scores with
-    sign(S) * (W * g - (1/gamma) * M * g^2), g = dL/dZ (lr beta), then a new mask.
-    Both lrs follow optim.lr_schedule's shape (warm-up from 0)."""
-
-    streams = 2
-
-    def __init__(self, cfg: Config, model: nn.Module):
-        super().__init__(cfg, model)
-        b = cfg.bip
-        masking.init_scores(model, cfg.prune.score_init)
-        masking.refresh_masks(model, cfg.prune.k)
-        all_scores = masking.all_score_ids(model)
-        self.theta = [p for p in model.parameters() if id(p) not in all_scores]
-        self.scores = masking.score_parameters(model)  # those of layers left dense never train
-        trained = {id(p) for p in self.theta + self.scores}
-        for p in model.parameters():  # fixed for DDP; each pass picks its targets instead
-            p.requires_grad_(id(p) in trained)
-        self.lower = make_optimizer("sgd", self.theta, b.alpha, b.momentum, b.lower_wd)
-        self.upper = make_optimizer("sgd", self.scores, b.beta, b.momentum, b.upper_wd)
-        self.optimizers = {"lower": self.lower, "upper": self.upper}
-        self.ig_coeff = 0.0 if math.isinf(b.gamma) else 1.0 / b.gamma
-
-    def step(self, batches, progress):
-        (x_t, y_t), (x_v, y_v) = batches  # stream 0 feeds the upper level, stream 1 the lower
-        o, b = self.cfg.optim, self.cfg.bip
-        factor = lr_at(o.lr_schedule, 1.0, progress, self.epochs(), o.warmup_epochs, 0.0)
-        set_lr(self.lower, b.alpha * factor)
-        set_lr(self.upper, b.beta * factor)
-
-        self.lower.zero_grad(set_to_none=True)
-        with masking.grad_target(self.core, "weights"), self._no_sync():
-            loss_v, _ = self._loss(x_v, y_v)
-            self._backward(loss_v, y_v)
-        all_reduce_grads(self.theta)
-        self.lower.step()
-
-        self.upper.zero_grad(set_to_none=True)
-        # Under DDP, g = dL/dZ is averaged over ranks before the score gradient squares it
-        # (mean(g_r^2) != mean(g)^2); bip.gsync overlaps that all-reduce with the backward.
-        sink = gsync.GReducer(self.ig_coeff) if gsync.distributed() else None
-        with masking.grad_target(self.core, "scores", self.ig_coeff, sink), self._no_sync():
-            loss_t, out = self._loss(x_t, y_t)
-            self._backward(loss_t, y_t)
-        if sink is not None:
-            sink.finish()
-        self.upper.step()
-        masking.refresh_masks(self.core, self.cfg.prune.k)
-        return self._stats(loss_t, out, y_t)
-
-
-class OneShot(Method):
-    """OMP (global magnitude) or random masks at keep ratio k; nothing trains."""
-
-    one_shot = True
-
-    def __init__(self, cfg: Config, model: nn.Module):
-        super().__init__(cfg, model)
-        if cfg.prune.method == "omp":
-            masking.init_scores(model, "magnitude")
-        else:  # i.i.d. uniform scores: every weight (filter, channel) equally likely to stay
-            with torch.no_grad():
-                for _, m in masking.masked_layers(model):
-                    m.scores.uniform_()
-        masking.refresh_masks(model, cfg.prune.k)
-
-
-class Imp(Dense):
-    """One IMP round (bip/imp.py): from the parent's trained weights and mask, prune by global
-    magnitude down to prune.k (at most prune.imp_rate of what the parent kept; pruned weights
-    rank last, so masks are nested), rewind to the pretrain's early weights (rewind.pt) and
-    retrain for train.epochs with a fresh optimizer."""
-
-    def __init__(self, cfg: Config, model: nn.Module, source: "imp.Source"):
-        super().__init__(cfg, model)
-        if cfg.train.epochs < 1:
-            raise BipError("imp needs train.epochs >= 1 (epochs per round)")
-        imp.check_step(cfg.prune.k, cfg.prune.imp_rate, source.density, source.round)
-        self.round = source.round + 1
-        rewind_state = _rewind_weights(model, source.rewind)
-        with torch.no_grad():
-            for _, m in masking.masked_layers(model):
-                m.scores.copy_(m.weight.abs() * m.mask)  # pruned weights rank last
-        masking.refresh_masks(model, cfg.prune.k)
-        # Scores and masks are this run's own (the rewind source is dense); everything else was
-        # checked to be present, so a partial rewind cannot pass unnoticed.
-        model.load_state_dict(rewind_state, strict=False)
-        masking.zero_pruned_weights(model)
-
-
-def _rewind_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The rewind state without scores and masks; every other tensor of ``model`` must be in it
-    with its shape, and nothing else may be (a one-line BipError otherwise)."""
-    own = {f"{name}.{part}" for name, _ in masking.masked_layers(model) for part in ("scores", "mask")}
-    want = {k: v.shape for k, v in model.state_dict().items() if k not in own}
-    state = {k: v for k, v in state.items() if k not in own}
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    wrong = [k for k in want if k in state and state[k].shape != want[k]]
-    if missing or unexpected or wrong:
-        raise BipError("imp: rewind.pt does not fit this model: "
-                       + "; ".join(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                                   for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                                      ("wrong shape", wrong)) if keys))
-    return state
-
-
-def create_method(cfg: Config, model: nn.Module, imp_source: "imp.Source | None" = None) -> Method:
-    """The Method for this run's stage and prune.method."""
-    if cfg.run.stage in ("pretrain", "finetune"):
-        return Dense(cfg, model)
-    method = cfg.prune.method
-    if method == "hydra":
-        if cfg.prune.variant == "reference":
-            from bip.bip_reference import HydraReference
-            return HydraReference(cfg, model)
-        return Hydra(cfg, model)
-    if method == "bip":
-        if cfg.bip.variant == "reference":
-            from bip.bip_reference import BipReference
-            return BipReference(cfg, model)
-        return BipPaper(cfg, model)
-    if method in ("omp", "random"):
-        return OneShot(cfg, model)
-    if method == "imp":
-        if imp_source is None:
-            raise BipError("imp needs the source run's rewind.pt (written by pretrain)")
-        return Imp(cfg, model, imp_source)
-    raise BipError(f"unknown method {method!r}")

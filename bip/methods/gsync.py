@@ -17,13 +17,18 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from bip.layers import score_grad
+from bip.pruning.layers import score_grad
 
 BUCKET_BYTES = 25 * 1024 * 1024
 
 
+def world_size() -> int:
+    """Processes in the default group (1 without one): the one "is this distributed" test."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 class GReducer:

@@ -37,10 +37,10 @@ import math
 import torch
 import torch.nn as nn
 
-from bip import masking
 from bip.config import Config
-from bip.methods import Method, all_reduce_grads, bn_parameters
-from bip.optim import make_optimizer, reference_lr, set_lr
+from bip.methods.base import Method, all_reduce_grads, bn_parameters
+from bip.methods.optim import make_optimizer, reference_lr, set_lr
+from bip.pruning import masking
 
 
 def released_score_init(cfg: Config, model: nn.Module) -> None:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from bip import masking
+from bip.pruning import masking
 from bip.errors import BipError
 
 

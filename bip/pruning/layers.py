@@ -1,14 +1,14 @@
 """Masked conv/linear layers and the layer factory that models are built from.
 
 A masked layer owns a weight-shaped score tensor ``scores`` (S) and a weight-shaped bool buffer
-``mask`` (M). Its forward uses Z = W * M. The mask is NOT recomputed here: bip.masking sets it
+``mask`` (M). Its forward uses Z = W * M. The mask is NOT recomputed here: bip.pruning.masking sets it
 once per optimizer step (and for eval), so every forward of a step sees the same mask.
 
 Straight-through gradient (HYDRA/BiP): dL/dS = sign(S) * W * dL/dZ at every position, pruned
 ones included, so a pruned weight can re-enter the top-k. With ``ig_coeff`` = c > 0 the same
 backward gives BiP's upper-level gradient sign(S) * (W * g - c * M * g^2), g = dL/dZ, at no
 extra pass. Under DDP BiP needs g averaged over ranks BEFORE it is squared: with a ``g_sink``
-(bip.gsync.GReducer) the backward hands g to it and leaves the score gradient to it.
+(bip.methods.gsync.GReducer) the backward hands g to it and leaves the score gradient to it.
 
 A layer with ``prunable = False`` (prune.skip) or an nm layer whose input size is not a
 multiple of M is left dense (``is_pruned`` is False): its mask stays all ones and its scores
@@ -61,7 +61,7 @@ class MaskedLayer:
     ``grad_target`` says which tensors this forward differentiates: "all" (default, by
     requires_grad), "weights" (scores treated as constants) or "scores" (weights treated as
     constants; ``ig_coeff`` adds BiP's implicit-gradient term). BiP switches it per pass
-    (bip.masking.grad_target) instead of toggling requires_grad, which DDP does not allow.
+    (bip.pruning.masking.grad_target) instead of toggling requires_grad, which DDP does not allow.
     """
 
     granularity: str
@@ -77,8 +77,8 @@ class MaskedLayer:
         self.grad_target = "all"
         self.ig_coeff = 0.0
         self.g_sink = None
-        self.prunable = True  # False: left dense by prune.skip (bip.masking.configure)
-        self.nm = (2, 4)      # (N, M) of an nm layer (bip.masking.configure)
+        self.prunable = True  # False: left dense by prune.skip (bip.pruning.masking.configure)
+        self.nm = (2, 4)      # (N, M) of an nm layer (bip.pruning.masking.configure)
 
     @property
     def is_pruned(self) -> bool:

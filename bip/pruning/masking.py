@@ -21,7 +21,7 @@ so the total stays round(k * N) (a floor above the budget is an error).
 
 Order: larger |score| first; NaN and +-inf scores rank below every finite score; ties: the
 earlier position (flat order of the model's named modules) wins. The mask update is device ops
-only (bip.topk): the training step never waits for the host.
+only (bip.pruning.topk): the training step never waits for the host.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from bip import topk
+from bip.pruning import topk
 from bip.errors import BipError
-from bip.layers import MaskedLayer
+from bip.pruning.layers import MaskedLayer
 
 
 def masked_layers(model: nn.Module) -> list[tuple[str, MaskedLayer]]:
@@ -118,7 +118,7 @@ class Plan:
         keys, kept = flat.split(self.segments), keep.split(self.segments)
         for m, key, n in zip(self.elementwise, keys, self.sizes):
             # Written through a view in the scores' logical shape: the keys are in NCHW order
-            # (the tie order) even for channels_last scores (bip.speed), with no copy.
+            # (the tie order) even for channels_last scores (bip.train.compile), with no copy.
             torch.abs(m.scores.detach(), out=key[:n].view(m.scores.shape))
         topk.rank_keys_(flat)
         u = len(self.unstructured)
@@ -294,7 +294,7 @@ def alias_scores_to_weights(model: nn.Module) -> None:
 @contextlib.contextmanager
 def grad_target(model: nn.Module, target: str, ig_coeff: float = 0.0, sink=None) -> Iterator[None]:
     """Within the block, masked layers differentiate only ``target`` ("weights"/"scores").
-    ``sink`` (bip.gsync.GReducer): the pruned layers hand g = dL/dZ to it instead of forming
+    ``sink`` (bip.methods.gsync.GReducer): the pruned layers hand g = dL/dZ to it instead of forming
     the score gradient themselves (BiP under DDP: g is averaged over ranks first)."""
     layers = [m for _, m in plan(model).layers]
     for m in layers:

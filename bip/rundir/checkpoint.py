@@ -1,6 +1,6 @@
 """Checkpoints that resume exactly, and reading source models.
 
-Checkpoints are written atomically (bip.atomic) and hold only tensors and plain containers,
+Checkpoints are written atomically (bip.rundir.atomic) and hold only tensors and plain containers,
 so they load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bip.atomic import atomic_write, write_bytes, write_json, write_text  # noqa: F401
+from bip.rundir.atomic import atomic_write
 from bip.errors import BipError
 
-FORMAT = "bip-checkpoint-1"
+FORMAT = "bip-checkpoint-2"  # step and epoch checkpoints (bip.train.state reads 1 and 2)
+CHECKPOINT_FORMATS = (FORMAT, "bip-checkpoint-1")
 FINAL_FORMAT = "bip-final-1"  # final.pt: model + masks + meta, no training state
 
 
@@ -50,7 +51,7 @@ def source_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if Path(path).suffix == ".safetensors":
         return _safetensors(Path(path)), {}
     obj = load(path, "source checkpoint")
-    ours = obj.get("format") in (FORMAT, FINAL_FORMAT)
+    ours = obj.get("format") in (*CHECKPOINT_FORMATS, FINAL_FORMAT)
     state = obj.get("model") if ours else obj.get("state_dict", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BipError(f"source checkpoint {path} holds no model state_dict"

@@ -1,6 +1,6 @@
 """The life of one run folder: who owns it, what state its files are in, and how it changes.
 
-- **Ownership** (bip/lease.py): a trainer takes the folder's lease before it writes anything
+- **Ownership** (bip/rundir/lease.py): a trainer takes the folder's lease before it writes anything
   (``owner.json``: host, pid, Slurm job id, start time, a heartbeat every minute). A second
   trainer finds it held and stops with one line naming the owner; a stale or dead owner's lease
   is taken over, logged, and recorded in config.yaml.
@@ -13,8 +13,7 @@
 - **Starts**: each start appends its provenance (sha, host, job, time, where it resumed) to the
   ``history`` of config.yaml, removes temp files of killed writes, old error files and metric
   lines the checkpoint does not cover.
-- **Stop requests**: signal handlers call ``request_stop``; the loop polls ``Cadence`` at step
-  boundaries (bip/train.py).
+- **Step boundaries** (stop requests, checkpoint cadence, a lost lease): bip/rundir/boundary.py.
 
 Import stays light (no torch): the results index reads 10,000 folders with ``inspect``.
 """
@@ -31,18 +30,12 @@ from pathlib import Path
 
 import yaml
 
-from bip import identity
-from bip.atomic import write_json, write_text
+from bip.config import identity
 from bip.errors import BipError
-from bip.lease import (Lease, LeaseHeld, lease_live, owner_line, read_owner, slurm_job_id,  # noqa: F401
-                       takeover_reason)
+from bip.rundir.atomic import write_json, write_text
+from bip.rundir.lease import Lease, LeaseHeld, lease_live, owner_line, read_owner, takeover_reason
 
 CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
-
-
-class Interrupted(BaseException):
-    """Raised by the loop after it saved a checkpoint because a stop was requested (a signal).
-    A BaseException: it is not a failure, so no error.json is written."""
 
 
 # -- files -> state ----------------------------------------------------------------------------
@@ -58,7 +51,7 @@ class Inspection:
 
 
 def inspect(run_dir: str | Path) -> Inspection:
-    """The state of a run folder from its files alone (leases and Slurm: launch/state.py)."""
+    """The state of a run folder from its files alone (leases and Slurm: launch/status.py)."""
     run_dir = Path(run_dir)
     try:
         names = frozenset(os.listdir(run_dir))
@@ -154,66 +147,6 @@ def first_error(run_dir: Path, names: list[str]) -> str:
 
 # -- stop requests and the checkpoint cadence ----------------------------------------------------
 
-_STOP: list[str] = []
-
-
-def request_stop(reason: str) -> None:
-    """Ask the running loop to checkpoint at its next step boundary and stop (signal-safe)."""
-    _STOP.append(reason)
-
-
-def stop_reason() -> str | None:
-    """The first stop request, if any."""
-    return _STOP[0] if _STOP else None
-
-
-def stop_signals() -> list[str]:
-    """Every stop request so far, in order, without repeats."""
-    return list(dict.fromkeys(_STOP))
-
-
-def clear_stop() -> None:
-    _STOP.clear()
-
-
-_GLOO: dict = {}
-
-
-class Cadence:
-    """When the loop saves a step checkpoint: every ``every_min`` minutes, and at once (then
-    stops) after ``request_stop``. poll() returns 0 (go on), 1 (save), 2 (save and stop) or 3
-    (the lease was lost: stop, write nothing).
-
-    With several ranks one tiny all-reduce (MAX) of the decision per step makes every rank
-    agree on the step, whatever each rank's clock or signal timing. It runs on a CPU tensor
-    over gloo (a gloo group beside NCCL on GPUs): it never enters the CUDA stream, so the
-    device never waits for it, and the host, which runs ahead of the device, spends about a
-    hundred microseconds per step on it."""
-
-    def __init__(self, every_min: float, world: int):
-        self.every_s, self.world, self.last = every_min * 60, world, time.monotonic()
-        if world > 1:
-            import torch
-            import torch.distributed as dist
-            if dist.get_backend() != "gloo" and "group" not in _GLOO:  # every rank, same order
-                _GLOO["group"] = dist.new_group(backend="gloo")
-            self.group = _GLOO.get("group") if dist.get_backend() != "gloo" else None
-            self.flag = torch.zeros(1, dtype=torch.int32)
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-    def poll(self, lost: bool = False) -> int:
-        """``lost``: this rank's lease is gone (3: every rank stops without writing)."""
-        code = 3 if lost else 2 if stop_reason() else int(time.monotonic() - self.last >= self.every_s)
-        if self.world > 1:
-            import torch.distributed as dist
-            self.flag.fill_(code)
-            dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
-            code = int(self.flag[0])  # a CPU tensor: no device sync
-        return code
-
-
 # -- the folder as a trainer uses it -------------------------------------------------------------
 
 class RunFolder:
@@ -300,14 +233,14 @@ class RunFolder:
 
     def save(self, name: str, obj: dict) -> None:
         if self.main:
-            from bip import checkpoint
+            from bip.rundir import checkpoint
             checkpoint.save(self.path / name, obj)
 
     def publish(self, final: dict, result: dict, mask: dict | None) -> dict:
         """mask.pt, final.pt, then result.json (whose presence makes the run done)."""
         if not self.main:
             return result
-        from bip import checkpoint
+        from bip.rundir import checkpoint
         if mask is not None:
             checkpoint.save(self.path / identity.MASK, mask)
         checkpoint.save(self.path / identity.FINAL, final)

@@ -24,9 +24,10 @@ import time
 import uuid
 from pathlib import Path
 
-from bip import identity
-from bip.atomic import write_json
+from bip.config import identity
+from bip.rundir.atomic import write_json
 from bip.errors import BipError
+from bip.rundir.origin import slurm_job_id
 
 
 class LeaseHeld(BipError):
@@ -131,13 +132,6 @@ def _pid_start(pid: int) -> str | None:
 
 
 _HELD: set[str] = set()  # tokens of the leases this process holds now
-
-
-def slurm_job_id() -> str | None:
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class Lease:

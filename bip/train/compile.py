@@ -8,7 +8,7 @@ a GPU (README, "GPU"). ``prepare_model`` is the one call site, right after the m
 - ``channels_last``: every 4-D parameter and buffer (weights, scores, masks) in NHWC memory,
   and a forward pre-hook that hands the model its 4-D inputs in NHWC, so the loaders stay as
   they are. The mask selection reads the scores in their logical (NCHW) order whatever their
-  memory layout (bip.masking), so ties break as before and the masks are the same. It must run
+  memory layout (bip.pruning.masking), so ties break as before and the masks are the same. It must run
   BEFORE a Method is made: converting re-creates each tensor's storage, which would undo the
   reference variant's score/weight aliasing.
 - ``compile``: ``torch.compile`` of the model's forward, in place (``nn.Module.compile``: the
@@ -20,7 +20,7 @@ a GPU (README, "GPU"). ``prepare_model`` is the one call site, right after the m
   anyway, since the tensors it differentiates decide the backward graph. So a BiP step compiles
   its two graphs in the first step and never again (tests/test_speed.py proves it with a
   compile counter over steps whose masks change). The mask selection runs outside the compiled
-  forward, as device ops. Under DDP, BiP's upper pass hands g to bip.gsync from inside the
+  forward, as device ops. Under DDP, BiP's upper pass hands g to bip.methods.gsync from inside the
   masked layers' backward, a side effect dynamo cannot put in a graph: that pass runs with one
   graph break per masked layer (correct, slower); single-process runs have none.
 """
@@ -66,17 +66,3 @@ def compile_model(model: nn.Module, backend: str | object = "inductor", **option
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     model.compile(backend=backend, **options)
     return model
-
-
-class CompileCounter:
-    """A torch.compile backend that counts the graphs it is given, then hands them to
-    ``backend``: after warm-up, a steady count proves that steps do not recompile."""
-
-    def __init__(self, backend: str = "inductor"):
-        from torch._dynamo import lookup_backend
-        self.inner = lookup_backend(backend)
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs)

@@ -7,6 +7,10 @@ size it was saved under; resuming it under another one would continue with anoth
 batch and another sharding, so it is refused. ``train.sync_bn`` turns BatchNorm into
 SyncBatchNorm under DDP: train-mode statistics over the global batch instead of each rank's
 shard (the one part of a step that otherwise depends on the process count).
+
+``Ranks`` answers every rank and world-size question of a run (which rank writes, how to
+broadcast a decision, how to sum over ranks); ``gsync.world_size`` is the one test of "is a
+process group up" that the methods below the trainer share.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch.nn as nn
 
 from bip.config import Config
 from bip.errors import BipError
+from bip.methods.gsync import world_size
 
 
 def check_processes(cfg: Config, processes: int) -> None:
@@ -31,8 +36,8 @@ def check_processes(cfg: Config, processes: int) -> None:
 
 
 def check_checkpoint(meta: object, cfg: Config, path: Path) -> None:
-    """A checkpoint saved under another world size does not resume (checkpoints from before
-    world sizes were recorded are taken as they are)."""
+    """A checkpoint saved under another world size does not resume (a bip-checkpoint-1 file
+    may lack the field: it is taken as it is)."""
     saved = meta.get("world_size") if isinstance(meta, dict) else None
     if saved is not None and saved != cfg.train.world_size:
         raise BipError(f"{path} was saved by {saved} process(es) (global batch "
@@ -59,7 +64,7 @@ def reduce_totals(totals: dict) -> dict:
     """An epoch's running sums over every rank (each rank sums its own shard's): what
     metrics.jsonl's train_loss / train_acc and a step checkpoint hold, so they are those of
     the global batches whatever the process count. One all-reduce, at a logging point."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return totals
     device = next((v.device for v in totals.values() if torch.is_tensor(v)), None)
     if device is None:  # nothing summed yet on this rank: the process group's device
@@ -69,3 +74,50 @@ def reduce_totals(totals: dict) -> dict:
                         for k in TOTALS])
     dist.all_reduce(flat)
     return dict(zip(TOTALS, flat.unbind()))
+
+
+class Ranks:
+    """The processes of one run (accelerate's view): who is main, how many there are, and the
+    few collectives the trainer itself makes (the methods make their own, bip.methods.gsync)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.main, self.index = accelerator.is_main_process, accelerator.process_index
+        self.world, self.device = accelerator.num_processes, accelerator.device
+
+    def broadcast(self, value):
+        """The main rank's ``value`` on every rank (a pickled object: start-up decisions only)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if world_size() > 1:
+            dist.barrier()
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        if world_size() > 1:
+            dist.all_reduce(tensor)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model to run forwards through: DDP-wrapped under several processes."""
+        return self.accelerator.prepare_model(model) if self.world > 1 else model
+
+    def average_batchnorm_stats(self, model: nn.Module) -> None:
+        """Average BN running statistics over ranks before an evaluation (DDP runs with
+        broadcast_buffers=False so the masks, also buffers, are not re-sent every forward)."""
+        if world_size() == 1:
+            return
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                for buf in (m.running_mean, m.running_var):
+                    dist.all_reduce(buf)
+                    buf /= dist.get_world_size()
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"

@@ -6,7 +6,7 @@ A NaN or inf never recovers under SGD: a run that diverged would otherwise train
 
 - Detection is a flag on the device. ``after_step`` adds ``~isfinite(loss)`` to an on-device
   counter and records the first bad step with ``torch.where``; nothing is read back, so the step
-  never waits for the host (the rule of bip.synccheck). ``check`` reads the counter (one sync) at
+  never waits for the host (the rule of bip.testing.synccheck). ``check`` reads the counter (one sync) at
   the loop's logging points and at every epoch end BEFORE the checkpoint is written, so a
   checkpoint never holds a diverged model; it also checks every weight, score and float buffer
   (one max-abs per tensor) since a NaN score can leave the loss finite. Past the limit it raises
@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from bip.errors import BipError
+from bip.methods.gsync import world_size
 
 
 class NonFiniteError(BipError):
@@ -40,7 +41,7 @@ class NonFiniteError(BipError):
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 class NonFiniteGuard:

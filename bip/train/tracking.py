@@ -1,6 +1,6 @@
 """Experiment trackers: ``train.log_with = none | tensorboard | wandb``.
 
-The same per-epoch rows as metrics.jsonl (accuracies, losses, compute so far: bip.compute) go
+The same per-epoch rows as metrics.jsonl (accuracies, losses, compute so far: bip.train.compute) go
 to one tracker run per bip run, from the main rank only, with the epoch as the step. Not part
 of a run's identity. The libraries are optional extras (``pip install -e '.[tensorboard]'`` or
 ``'.[wandb]'``); a missing one is a one-line error before the run folder is touched.

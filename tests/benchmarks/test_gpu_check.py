@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def gpu_check(tmp_path, *args, timeout=600):
@@ -41,7 +41,7 @@ def test_quick_run_covers_every_part_without_submitit_or_ffcv(tmp_path):
     graphs = [r for r in rows if r["check"].startswith("graphs compiled")]
     assert len(graphs) == 3 and all(r["result"].endswith(", 0 after") for r in graphs)
     assert (out.parent / "check_logs" / "syncs.log").is_file()
-    suite = [r for r in rows if r["check"] == "pytest tests/test_invariance.py"]  # make test runs it
+    suite = [r for r in rows if r["check"] == "pytest tests/distributed/test_invariance.py"]  # make test runs it
     assert len(suite) == 1 and re.match(r"\d+ tests collected .*\(--quick: collected, not run\)", suite[0]["result"])
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from bip import checkpoint
+from bip.rundir import checkpoint
 from bip.train import main as train_main
 from launch.collect import main as collect_main
 from launch.grid import main as grid_main
@@ -270,9 +270,9 @@ def test_collect_cli_refuses_abbreviations(tmp_path, capsys):
 
 
 def test_the_catalogue_lists_exactly_the_registered_names():
-    """The launcher checks names against bip.catalogue (no torch import); the registries refuse
+    """The launcher checks names against bip.config.names (no torch import); the registries refuse
     unlisted names, and nothing listed may be missing from them."""
-    from bip import catalogue
+    from bip.config import names as catalogue
     from bip.data import DATASETS
     from bip.models import MODELS
     assert set(MODELS) == catalogue.MODELS and set(DATASETS) == catalogue.DATASETS

@@ -6,7 +6,7 @@ import pytest
 from bip.config import Config, config_from_argv, load_config
 from bip.errors import BipError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN_CONFIGS = sorted((ROOT / "configs").glob("*/*.yml"))
 RUN_CONFIGS = [p for p in RUN_CONFIGS if p.parent.name != "grids"]
 

@@ -1,7 +1,7 @@
 """Run identity: pinned hashes, what is and is not part of the id."""
 import pytest
 
-from bip import identity
+from bip.config import identity
 from bip.config import load_config
 
 PRUNE = ["run.stage=prune", "prune.layer_type=unstructured", "prune.k=0.1", "prune.method=bip"]

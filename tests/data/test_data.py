@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 from bip.config import load_config
-from bip.data import ArraySplit, load_dataset
-from bip.data.loaders import build_loaders, split_indices
+from bip.data.base import ArraySplit
+from bip.data import load_dataset
+from bip.data.loaders import build_loaders
+from bip.data.base import split_indices
 from bip.errors import BipError
-from bip.synccheck import SyncRecorder
+from bip.testing.synccheck import SyncRecorder
 
 
 def data_cfg(*overrides):
@@ -195,7 +197,7 @@ def test_streams_share_one_upload_of_the_split():
 
 
 def test_crops_and_flips_are_the_plans():
-    from bip.data.loaders import DeviceImages, TensorStream
+    from bip.data.tensor_loader import DeviceImages, TensorStream
     spec = load_dataset(data_cfg("data.dataset=synthetic", "data.synthetic_size=64"))
     data = DeviceImages(spec.train, spec, False, torch.device("cpu"))
     stream = TensorStream(data, torch.arange(64), 16, True, 0, 0, 0, 1)
@@ -209,7 +211,7 @@ def test_crops_and_flips_are_the_plans():
 
 
 def test_augmentation_keeps_shape_and_pads_black():
-    from bip.data.loaders import DeviceImages, TensorStream
+    from bip.data.tensor_loader import DeviceImages, TensorStream
     split = ArraySplit(torch.full((8, 3, 8, 8), 255, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64))
     spec = load_dataset(data_cfg("data.dataset=synthetic", "data.synthetic_size=16"))
     stream = TensorStream(DeviceImages(split, spec, False, torch.device("cpu")), torch.arange(8), 8,
@@ -269,7 +271,7 @@ class _PidImages(torch.utils.data.Dataset):
 
 
 def test_torch_workers_persist_and_bip_streams_share_the_cpus(monkeypatch):
-    from bip.data import DatasetSpec
+    from bip.data.base import DatasetSpec
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")   # budget: min(data.num_workers, 4) = 2
     cfg = data_cfg("data.dataset=ImageNet", "data.loader=torch", "data.num_workers=2",
                    "data.batch_size=4", "data.val_fraction=0.25")

@@ -29,11 +29,14 @@ from PIL import Image  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
 from bip.config import load_config  # noqa: E402
-from bip.data import IMAGENET_MEAN, IMAGENET_STD, ArraySplit, DatasetSpec, load_dataset  # noqa: E402
-from bip.data.ffcv import FfcvStream, build_ffcv_loaders, check_beton, main  # noqa: E402
-from bip.data.ffcv_ops import FullDecoder  # noqa: E402
-from bip.data.ffcv_write import _ArrayItems, _interrupt, source_split, write_beton  # noqa: E402
-from bip.data.loaders import build_loaders, split_indices  # noqa: E402
+from bip.data.base import IMAGENET_MEAN, IMAGENET_STD, ArraySplit, DatasetSpec  # noqa: E402
+from bip.data import load_dataset
+from bip.data.ffcv.__main__ import main  # noqa: E402
+from bip.data.ffcv.loader import FfcvStream, build_ffcv_loaders, check_beton  # noqa: E402
+from bip.data.ffcv.ops import FullDecoder  # noqa: E402
+from bip.data.ffcv.write import _ArrayItems, _interrupt, source_split, write_beton  # noqa: E402
+from bip.data.loaders import build_loaders  # noqa: E402
+from bip.data.base import split_indices
 from bip.errors import BipError  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -335,7 +338,7 @@ class _Boom(Operation):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_pipeline_error_raises_instead_of_hanging(data):
-    from bip.data.ffcv import _iterate
+    from bip.data.ffcv.loader import _iterate
     loader = Loader(str(data.val), batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
                     pipelines={"image": None, "label": [IntDecoder(), _Boom()]})
     with pytest.raises(BipError, match="thread stopped"):

@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 def test_two_processes_stay_identical(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29531", str(HERE / "ddp_worker.py"), str(tmp_path)],
+                           "--master_port", "29531", str(HERE / "workers" / "ddp_worker.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

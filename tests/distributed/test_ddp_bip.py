@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.slow
 def test_bip_paper_step_on_two_ranks_equals_one_process(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    worker = str(HERE / "ddp_bip_worker.py")
+    worker = str(HERE / "workers" / "ddp_bip_worker.py")
     single = subprocess.run([sys.executable, worker, str(tmp_path / "single.pt"), "single"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-WORKER = str(HERE / "invariance_worker.py")
+WORKER = str(HERE / "workers" / "invariance_worker.py")
 METHODS = ("dense", "finetune", "hydra", "bip", "bip-reference", "imp")
 TOLERANCE = {"torch.float32": 1e-6, "torch.float64": 1e-12}
 pytestmark = pytest.mark.slow

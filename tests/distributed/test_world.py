@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import yaml
 
-from bip import checkpoint, identity, world
+from bip.rundir import checkpoint
+from bip.config import identity
+from bip.train import distributed as world
 from bip.config import Config, load_config
 from bip.errors import BipError
 from bip.train import train

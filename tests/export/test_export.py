@@ -8,12 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bip import masking
-from bip.export import count_params_and_macs, dense_state_dict, export_thin, load_thinned, main
-from bip.layers import MaskedConv2d, MaskedLinear
+from bip.pruning import masking
+from bip.models.accounting import count_params_and_macs
+from bip.export.run import dense_state_dict, export_thin, main
+from bip.export import load_thinned
+from bip.pruning.layers import MaskedConv2d, MaskedLinear
 from bip.models import create_model
-from bip.thin import channel_groups, thin
-from bip.thin_modules import ChannelScatter, FoldedConv2d
+from bip.export.thin import channel_groups, thin
+from bip.export.modules import ChannelScatter, FoldedConv2d
 
 
 def randomize_bn(model: nn.Module, seed: int = 1) -> None:
@@ -123,7 +125,7 @@ def test_align_keeps_layer_widths_multiples_of_8():
 
 
 def group_consistent_filter_masks(model: nn.Module, example, keep_fraction=0.5, seed=0):
-    """Filter masks with one decision per coupled channel group (bip.thin.channel_groups)."""
+    """Filter masks with one decision per coupled channel group (bip.export.thin.channel_groups)."""
     groups = channel_groups(model, example)
     g = torch.Generator().manual_seed(seed)
     ids = sorted({i for ids in groups.values() for i in ids if i >= 0})
@@ -241,7 +243,7 @@ def test_export_cli_errors(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny pretrain -> omp prune (filter, k = 0.5) and an unstructured one."""
-    from bip import identity
+    from bip.config import identity
     from bip.config import load_config
     from bip.train import train
     root = tmp_path_factory.mktemp("runs")
@@ -317,7 +319,7 @@ def test_export_cli_thin_refuses_unstructured_and_touches_nothing(runs, capsys):
 
 
 def test_nm_pattern_is_checked_and_cpu_exports_dense(capsys):
-    from bip.nm_export import check_pattern, nm_export
+    from bip.export.nm import check_pattern, nm_export
     model = create_model("resnet20s", 10, "unstructured")
     for name, m in masking.masked_layers(model):
         if m.mask.dim() == 4 and m.in_channels % 4 == 0:  # 2 of every 4 input channels per position
@@ -335,8 +337,8 @@ def test_nm_pattern_is_checked_and_cpu_exports_dense(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_thinned_and_nm_on_cuda():
-    from bip.latency import compare
-    from bip.nm_export import sparse_kernels_available, to_semi_structured
+    from bip.export.latency import compare
+    from bip.export.nm import sparse_kernels_available, to_semi_structured
     model = masked_model("resnet18", "filter", 0.5)
     thinned, _, _ = thin(model, torch.randn(1, 3, 32, 32))
     ms = compare({"masked": model, "thin": thinned}, (3, 32, 32), 64, "cuda", repeats=3)

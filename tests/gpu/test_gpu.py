@@ -5,17 +5,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bip import masking
+from bip.pruning import masking
 from bip.config import load_config
-from bip.layers import MaskedConv2d, MaskedLinear
-from bip.methods import BipPaper
+from bip.pruning.layers import MaskedConv2d, MaskedLinear
+from bip.methods.bilevel import BipPaper
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _select(values, k):
-    from bip import topk
+    from bip.pruning import topk
     keys = topk.rank_keys_(values.clone())
     out = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
     return topk.TopK(values.numel(), values.dtype, values.device).select(keys, k, out)
@@ -69,7 +69,7 @@ def test_bip_step_on_cuda_matches_cpu_in_float64():
 
 
 def test_bf16_pretrain_and_bip_on_cuda(tmp_path):
-    from bip import identity
+    from bip.config import identity
     from bip.train import train
     base = ["data.dataset=synthetic", "data.synthetic_size=512", "data.batch_size=64", "train.epochs=2",
             "train.mixed_precision=bf16", f"run.result_dir={tmp_path}"]
@@ -85,7 +85,8 @@ def test_channels_last_and_compile_on_cuda_without_recompiles_or_syncs():
     """bf16 BiP steps of a channels_last, inductor-compiled model: both passes compile in the
     first step only, later steps (new masks each time) neither recompile nor sync, and the
     weights follow the plain eager model's (bf16 / TF32 round-off)."""
-    from bip.speed import CompileCounter, compile_model, to_channels_last
+    from bip.testing.compile import CompileCounter
+    from bip.train.compile import compile_model, to_channels_last
     torch.manual_seed(0)
     plain = nn.Sequential(MaskedConv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                           MaskedConv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),

@@ -1,5 +1,5 @@
 """launch.collect and launch.plots on hand-made run folders: statuses, columns, idempotence,
-plots and the summary table. Config files come from bip.identity, as the trainer writes them."""
+plots and the summary table. Config files come from bip.config.identity, as the trainer writes them."""
 from __future__ import annotations
 
 import csv
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bip import identity
+from bip.config import identity
 from bip.config import Config
 from bip.errors import BipError
 from launch import collect, plots
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def config(stage: str = "pretrain", method: str = "hydra", k: float = 1.0, seed: int = 1,

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bip import identity, runfolder
-from launch import grid, profiles, snapshot, state, submit, sweep
+from bip.config import identity
+from bip.rundir import folder as runfolder
+from launch import grid, profiles, snapshot, submit, sweep, slurm, status
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A run of this size takes well under a second in-process once torch is imported.
 TINY = {"dataset": "synthetic", "data.synthetic_size": 128, "data.batch_size": 32, "epochs": 1,
         "arch": "resnet20s", "data.num_workers": 0, "train.steps_per_epoch": 2}
@@ -221,7 +222,7 @@ def _found(state: str, owner: dict | None = None, detail: str = "") -> runfolder
 
 
 def test_states_combine_folders_leases_and_slurm():
-    combine = state.combine
+    combine = status.combine
     live = {"host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time(), "stale_s": 600}
     dead = {**live, "pid": _dead_pid()}
     assert combine(_found("done"), "FAILED", "done", "1_0")[0] == "done"
@@ -242,8 +243,8 @@ def test_states_combine_folders_leases_and_slurm():
 
 
 def test_sacct_array_ids_expand():
-    assert state.expand_job_id("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
-    assert state.expand_job_id("12_3") == ["12_3"] and state.expand_job_id("7") == ["7"]
+    assert slurm.expand_job_id("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert slurm.expand_job_id("12_3") == ["12_3"] and slurm.expand_job_id("7") == ["7"]
 
 
 def _dead_pid() -> int:
@@ -323,9 +324,9 @@ def test_a_code_snapshot_is_taken_once_per_code_state_and_does_not_follow_the_ch
         shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
     first = snapshot.take(tmp_path / "runs", repo=checkout)
     assert snapshot.take(tmp_path / "runs", repo=checkout)["id"] == first["id"]  # same code, same copy
-    copied = Path(first["path"]) / "bip" / "train.py"
+    copied = Path(first["path"]) / "bip" / "train" / "__init__.py"
     original = copied.read_bytes()
-    (checkout / "bip" / "train.py").write_text("raise RuntimeError('edited')\n")
+    (checkout / "bip" / "train" / "__init__.py").write_text("raise RuntimeError('edited')\n")
     second = snapshot.take(tmp_path / "runs", repo=checkout)
     assert second["id"] != first["id"] and copied.read_bytes() == original
     assert json.loads((Path(first["path"]) / "CODE.json").read_text())["id"] == first["id"]
@@ -354,9 +355,9 @@ def test_a_run_a_live_trainer_holds_is_not_submitted_and_its_children_are_held_b
 
 def test_a_lease_whose_slurm_job_ended_is_not_running(tmp_path):
     live = {"host": "elsewhere", "pid": 1, "heartbeat": time.time(), "stale_s": 600, "slurm_job_id": "5_1"}
-    assert state.combine(_found("started", live), "RUNNING", "done", "5_1")[0] == "running"
-    assert state.combine(_found("started", live), "NODE_FAIL", "done", "5_1")[0] == "failed"
-    assert state.combine(_found("started", live), "", "done", None)[0] == "running"  # no accounting
+    assert status.combine(_found("started", live), "RUNNING", "done", "5_1")[0] == "running"
+    assert status.combine(_found("started", live), "NODE_FAIL", "done", "5_1")[0] == "failed"
+    assert status.combine(_found("started", live), "", "done", None)[0] == "running"  # no accounting
 
 
 # -- IMP levels ------------------------------------------------------------------------------

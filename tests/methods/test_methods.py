@@ -7,12 +7,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bip import masking
+from bip.pruning import masking
 from bip.config import load_config
 from bip.errors import BipError
-from bip.layers import MaskedConv2d, MaskedLinear
-from bip.methods import BipPaper, Dense, Hydra, Imp, OneShot, create_method
-from bip.bip_reference import BipReference
+from bip.pruning.layers import MaskedConv2d, MaskedLinear
+from bip.methods.bilevel import BipPaper
+from bip.methods.dense import Dense
+from bip.methods.hydra import Hydra
+from bip.methods.imp import Imp
+from bip.methods.oneshot import OneShot
+from bip.methods.registry import create_method
+from bip.methods.reference import BipReference
 from bip.models import create_model
 
 
@@ -542,7 +547,7 @@ def test_omp_is_global_magnitude_and_random_is_not():
 
 
 def test_imp_rounds_prune_the_remainder_and_rewind():
-    from bip import imp
+    from bip.methods import imp_levels as imp
     assert imp.rounds_for(0.8, 0.2) == 1 and imp.rounds_for(0.64, 0.2) == 2 and imp.rounds_for(0.1, 0.2) == 11
     assert imp.rounds_for(0.512, 0.2) == 3  # 0.8 ** 3 rounds to 0.5120000000000001
     series = imp.densities(0.3, 0.2)

@@ -14,14 +14,16 @@ import torch.nn as nn
 import torchvision
 import yaml
 
-from bip import identity, masking
+from bip.config import identity
+from bip.pruning import masking
 from bip.config import load_config
 from bip.errors import BipError
-from bip.layers import MaskedConv2d, MaskedLayer, MaskedLinear
-from bip.methods import create_method
+from bip.pruning.layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from bip.methods.registry import create_method
 from bip.models import create_model
 from bip.models.external import ResizeInput, input_defaults
 from bip.models.swap import MaskedMultiheadAttention, swap_layers
+from helpers import image_batches
 
 HERE = Path(__file__).resolve().parent
 TIMM_ARCH = "timm:vit_tiny_patch16_224"
@@ -38,9 +40,7 @@ def _needs(arch):
 def _batches(n=2, seed=0):
     # 4 images: with 2, a train-mode BatchNorm over 1x1 maps outputs +-1 whatever its input,
     # and no gradient reaches the layers before it.
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
-            for _ in range(n)]
+    return image_batches(n, size=32, seed=seed)
 
 
 def _model(arch, layer_type, **options):
@@ -260,7 +260,7 @@ def test_masked_attention_matches_torch_and_honours_the_mask():
 def test_torchvision_state_dict_reproduces_the_dense_outputs(tmp_path):
     """--source-net with a plain torchvision state dict (MHA's packed keys included): with all-ones
     masks, before pruning starts, the masked model computes exactly what the dense one does."""
-    from bip.train import load_source
+    from bip.train.sources import load_source
     for arch in ("tv:vit_b_16", "tv:efficientnet_b0"):
         torch.manual_seed(1)
         name = arch.split(":")[1]
@@ -283,7 +283,7 @@ def test_timm_safetensors_source(tmp_path):
     from safetensors.torch import save_file
 
     import timm
-    from bip.train import load_source
+    from bip.train.sources import load_source
     torch.manual_seed(1)
     dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32).eval()
     path = tmp_path / "model.safetensors"
@@ -303,8 +303,8 @@ def test_timm_safetensors_source(tmp_path):
 # -- inputs ----------------------------------------------------------------------------------------
 
 def test_input_size_and_normalisation_come_from_the_pretrained_config():
-    from bip.data import DatasetSpec
-    from bip.train import model_input
+    from bip.data.base import DatasetSpec
+    from bip.train.sources import model_input
     tv = input_defaults("tv:regnet_y_400mf")
     assert (tv.size, tv.mean, tv.fixed) == (224, (0.485, 0.456, 0.406), False)
     assert input_defaults("tv:vit_b_16").fixed and input_defaults("tv:efficientnet_b3").size == 300
@@ -392,7 +392,7 @@ def test_two_processes_stay_identical_on_every_model():
     archs = [a for a in ARCHS if _has_timm() or not a.startswith("timm:")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29547", str(HERE / "external_ddp_worker.py"), *archs],
+                           "--master_port", "29547", str(HERE.parent / "distributed" / "workers" / "external_ddp_worker.py"), *archs],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -408,7 +408,7 @@ def test_shipped_imagenet_grid_expands_from_the_weights_file(tmp_path):
     from launch import sweep
     weights = tmp_path / "resnet50-0676ba61.pth"
     weights.write_bytes(b"stand-in")  # hashed by content, never loaded here
-    doc = yaml.safe_load((HERE.parent / "configs/grids/imagenet_tv_resnet50.yml").read_text())
+    doc = yaml.safe_load((HERE.parents[1] / "configs/grids/imagenet_tv_resnet50.yml").read_text())
     doc["stages"]["pretrain"]["source"] = str(weights)
     path = tmp_path / "grid.yml"
     path.write_text(yaml.safe_dump(doc))
@@ -455,7 +455,9 @@ def test_same_seed_same_masked_model():
 def test_thinned_external_model_equals_the_masked_one(arch, layer_type, tmp_path):
     """export --thin on a swapped torchvision model (depthwise convs, squeeze-excitation, group
     convs): physically smaller, same function, rebuilt from the file's meta alone."""
-    from bip.export import count_params_and_macs, export_thin, load_thinned
+    from bip.models.accounting import count_params_and_macs
+    from bip.export.run import export_thin
+    from bip.export import load_thinned
     model = _model(arch, layer_type)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # random BN statistics: a removed filter's constant must be folded

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from bip.layers import MaskedLayer
+from bip.pruning.layers import MaskedLayer
 from bip.models import create_model, list_models
 
 # Kept to dense + unstructured at batch 1 so the whole file stays well under a minute on 2 CPU cores.

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from bip import collapse, identity, masking
+from bip.pruning import collapse, masking
+from bip.config import identity
 from bip.config import load_config
 from bip.errors import BipError
-from bip.methods import create_method
+from bip.methods.registry import create_method
 from bip.models import create_model
-from bip.synccheck import SyncRecorder
+from bip.testing.synccheck import SyncRecorder
 from bip.train import train
 
 SHAPE = (3, 16, 16)

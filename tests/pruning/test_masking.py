@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bip import masking
+from bip.pruning import masking
 from bip.errors import BipError
-from bip.layers import LayerFactory, MaskedConv2d, MaskedLinear
+from bip.pruning.layers import LayerFactory, MaskedConv2d, MaskedLinear
 from bip.models import create_model
 
 KS = [1.0, 0.5, 0.1, 0.0092]
@@ -286,7 +286,7 @@ def test_dense_layer_factory_is_plain():
 
 @pytest.mark.parametrize("layer_type,extra", [("nm", {}), ("unstructured", {"skip": "first,classifier"})])
 def test_report_and_effective_counts_agree(layer_type, extra):
-    from bip.export import count_params_and_macs
+    from bip.models.accounting import count_params_and_macs
     torch.manual_seed(0)
     model = create_model("resnet20s", 10, layer_type)
     masking.init_scores(model, "magnitude")

@@ -4,7 +4,7 @@ float64) and slices of a shared workspace."""
 import pytest
 import torch
 
-from bip import topk
+from bip.pruning import topk
 
 
 def reference(values: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -32,7 +32,7 @@ def patterns(n: int, dtype, g):
 
 
 def select(sel, values, n_keep):
-    """keys padded with topk.PAD to a multiple of CHUNK, as bip.masking lays them out."""
+    """keys padded with topk.PAD to a multiple of CHUNK, as bip.pruning.masking lays them out."""
     n = values.numel()
     keys = torch.full((topk.padded(n),), topk.PAD, dtype=values.dtype)
     keys[:n] = values

@@ -17,13 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bip import checkpoint, identity, runfolder
+from bip.rundir import boundary
+from bip.rundir import checkpoint, folder as runfolder
+from bip.config import identity
 from bip.config import load_config
 from bip.errors import BipError
 from bip.train import main, train
+from helpers import TINY
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["data.dataset=synthetic", "data.synthetic_size=256", "data.batch_size=32", "train.epochs=2"]
+ROOT = Path(__file__).resolve().parents[2]
 TIME_KEYS = ("time_s", "wall_time_s", "lineage_wall_time_s")
 
 
@@ -145,7 +147,12 @@ def test_two_trainers_started_at_once_train_once(tmp_path):
     cfg = load_config([], ["data.dataset=synthetic", "train.epochs=3", "run.seed=3",
                            "data.synthetic_size=512", "data.batch_size=32", f"run.result_dir={race}"])
     raced = identity.run_dir(cfg)
-    train(cfg, tmp_path / "alone")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the raced trainers (OMP_NUM_THREADS=1): CPU sums depend on it
+    try:
+        train(cfg, tmp_path / "alone")
+    finally:
+        torch.set_num_threads(threads)
     assert [row["epoch"] for row in metrics(raced)] == [1, 2, 3]
     assert metrics(raced) == metrics(tmp_path / "alone")
     assert_same_model(raced, tmp_path / "alone")
@@ -177,12 +184,12 @@ def test_a_stop_mid_epoch_resumes_from_that_step_bit_identically(tmp_path, metho
 
     def stop_in_epoch_2(event, info):
         if event == "step" and info["step"] == steps_per_epoch + 3:
-            runfolder.request_stop("test")
+            boundary.request_stop("test")
     try:
-        with pytest.raises(runfolder.Interrupted):
+        with pytest.raises(boundary.Interrupted):
             train(cfg, tmp_path / "stopped", hook=stop_in_epoch_2)
     finally:
-        runfolder.clear_stop()
+        boundary.clear_stop()
     saved = checkpoint.load(tmp_path / "stopped" / identity.CHECKPOINT)
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 3)
     assert not list((tmp_path / "stopped").glob("error*.json"))  # a stop is not a failure
@@ -344,13 +351,13 @@ def test_resume_checks_what_it_resumes_and_only_seeds_a_folder_without_a_checkpo
     # A folder with its own checkpoint resumes from it; --resume no longer applies.
     def stop_early(event, info):
         if event == "step" and info["step"] == 2:
-            runfolder.request_stop("test")
+            boundary.request_stop("test")
     mine = load_config([], base + ["run.seed=9", "train.epochs=2"])
     try:
-        with pytest.raises(runfolder.Interrupted):
+        with pytest.raises(boundary.Interrupted):
             train(mine, hook=stop_early)
     finally:
-        runfolder.clear_stop()
+        boundary.clear_stop()
     capsys.readouterr()
     assert main([*base, "run.seed=9", "train.epochs=2", f"run.resume={tmp_path / 'missing.pt'}"]) == 0
     assert "resuming from checkpoint.pt: epoch 1, step 2" in capsys.readouterr().err
@@ -362,12 +369,12 @@ def test_every_start_is_recorded_and_a_code_change_is_flagged(tmp_path, capsys):
 
     def stop_at_3(event, info):
         if event == "step" and info["step"] == 3:
-            runfolder.request_stop("test")
+            boundary.request_stop("test")
     try:
-        with pytest.raises(runfolder.Interrupted):
+        with pytest.raises(boundary.Interrupted):
             train(cfg, hook=stop_at_3)
     finally:
-        runfolder.clear_stop()
+        boundary.clear_stop()
     doc = json.loads((folder / identity.CONFIG).read_text())
     assert len(doc["history"]) == 1 and doc["code_changed"] is False
     doc["history"][0]["git_sha"] = "0123456789abcdef"  # as if started by another commit

@@ -1,7 +1,7 @@
 """The sync recorder itself: it must see every kind of host sync, and nothing else."""
 import torch
 
-from bip.synccheck import SyncRecorder
+from bip.testing.synccheck import SyncRecorder
 
 
 def _events(fn):

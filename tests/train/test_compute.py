@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from bip import compute
+from bip.train import compute
 from bip.config import load_config
-from bip.methods import create_method
+from bip.methods.registry import create_method
 from bip.models import create_model
 from bip.train import train
 
-from tests.test_sync import _batches, _cfg
+from helpers import image_batches, method_config
 
 
 class _Counter:
@@ -42,16 +42,16 @@ EXPECTED = {"dense": (1, 1, 1), "finetune": (1, 1, 1), "hydra": (1, 1, 1),
 def test_counted_passes_equal_the_model_calls(method):
     torch.manual_seed(0)
     if method == "hydra-reference":
-        cfg = _cfg("hydra", "unstructured", ["prune.variant=reference"])
+        cfg = method_config("hydra", "unstructured", ["prune.variant=reference"])
     else:
-        cfg = _cfg(method, "unstructured")
+        cfg = method_config(method, "unstructured")
     model = create_model("resnet20s", 10, "dense" if method == "dense" else "unstructured")
     m = create_method(cfg, model)
     calls = _Counter(model)
     counts = compute.new()
     if not m.one_shot:
         m.on_epoch_start(0)
-        batches = _batches(m.streams)  # 4 examples per stream
+        batches = image_batches(m.streams)  # 4 examples per stream
         m.step(batches, 0.0)
     compute.add_step(counts, m.take_passes(), world=1)
     assert (counts["forward"], counts["backward"]) == (calls.forward, calls.backward)

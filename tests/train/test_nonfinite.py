@@ -8,11 +8,12 @@ import torch.nn as nn
 
 from bip.config import load_config
 from bip.errors import BipError
-from bip.layers import MaskedConv2d, MaskedLinear
-from bip import imp
-from bip.methods import Hydra, Imp
-from bip.nonfinite import NonFiniteError, NonFiniteGuard
-from bip.synccheck import SyncRecorder
+from bip.pruning.layers import MaskedConv2d, MaskedLinear
+from bip.methods import imp_levels as imp
+from bip.methods.hydra import Hydra
+from bip.methods.imp import Imp
+from bip.train.nonfinite import NonFiniteError, NonFiniteGuard
+from bip.testing.synccheck import SyncRecorder
 from bip.train import train
 
 TINY = ["data.dataset=synthetic", "data.synthetic_size=128", "data.batch_size=32", "train.epochs=2",
@@ -111,7 +112,7 @@ def test_a_diverged_run_stops_with_error_json_and_no_bad_checkpoint(tmp_path):
         train(cfg, tmp_path / "run", hook=_poison_at(4))  # 3 steps per epoch: epoch 2, step 5
     error = json.loads((tmp_path / "run" / "error.json").read_text())
     assert error["error"].startswith("NonFiniteError: training diverged")
-    from bip import checkpoint  # the epoch-1 checkpoint is kept, finite
+    from bip.rundir import checkpoint  # the epoch-1 checkpoint is kept, finite
     ckpt = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                       if v.is_floating_point())
@@ -144,10 +145,10 @@ def test_imp_rejects_a_partial_rewind():
 
 
 def test_superseding_a_run_moves_its_rewind_point(tmp_path):
-    from bip import identity
-    from launch import state
+    from bip.config import identity
+    from launch import status
     (tmp_path / identity.REWIND).write_bytes(b"x")
     (tmp_path / identity.RESULT).write_text("{}")
-    target = state.supersede(tmp_path)
+    target = status.supersede(tmp_path)
     assert (target / identity.REWIND).is_file() and not (tmp_path / identity.REWIND).exists()
 

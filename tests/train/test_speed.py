@@ -1,4 +1,4 @@
-"""Speed options (bip.speed): channels_last and torch.compile change how a step runs, not what
+"""Speed options (bip.train.compile): channels_last and torch.compile change how a step runs, not what
 it computes: the same masks and (up to round-off) the same weights as the plain step, no host
 sync, and no recompile once every pass kind has been seen, while the masks change step by step."""
 import copy
@@ -9,13 +9,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bip import gsync, identity, masking
+from bip.methods import gsync
+from bip.config import identity
+from bip.pruning import masking
 from bip.config import load_config
 from bip.errors import BipError
-from bip.layers import LayerFactory, MaskedLayer
-from bip.methods import create_method
-from bip.speed import CompileCounter, compile_model, prepare_model, to_channels_last
-from bip.synccheck import SyncRecorder
+from bip.pruning.layers import LayerFactory, MaskedLayer
+from bip.methods.registry import create_method
+from bip.testing.compile import CompileCounter
+from bip.train.compile import compile_model, prepare_model, to_channels_last
+from bip.testing.synccheck import SyncRecorder
 
 METHODS = ["dense", "finetune", "hydra", "bip", "bip-reference"]
 
@@ -161,7 +164,7 @@ def test_inductor_compiles_the_masked_layers_once():
 
 
 def test_compiled_upper_pass_with_a_g_reducer_is_exact(tmp_path):
-    """Under DDP, BiP's upper pass hands g to bip.gsync from the masked layers' backward: dynamo
+    """Under DDP, BiP's upper pass hands g to bip.methods.gsync from the masked layers' backward: dynamo
     breaks the graph there (a side effect), and the score gradients stay exact."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -1,42 +1,24 @@
 """The training step never waits for the host: one step of every method and layer type runs
-under bip.synccheck.SyncRecorder and must record no host sync (item, int(), nonzero, boolean
+under bip.testing.synccheck.SyncRecorder and must record no host sync (item, int(), nonzero, boolean
 indexing, bincount, data-dependent shapes, host reads). Batches are tensors made here; the
 loaders have their own sync test."""
 import pytest
 import torch
 
-from bip.config import load_config
-from bip.methods import create_method
+from bip.methods.registry import create_method
 from bip.models import create_model
-from bip.synccheck import SyncRecorder
+from bip.testing.synccheck import SyncRecorder
+from helpers import image_batches, method_config
 
 PRUNED = ["unstructured", "filter", "channel", "nm"]
 STEPPED = ["finetune", "hydra", "bip", "bip-reference"]
-
-
-def _cfg(method: str, layer_type: str, extra=()):
-    if method == "dense":
-        return load_config([], ["run.stage=pretrain", "train.epochs=2"])
-    if method == "finetune":
-        return load_config([], ["run.stage=finetune", f"prune.layer_type={layer_type}",
-                                "train.epochs=2", *([] if layer_type == "nm" else ["prune.k=0.3"])])
-    name, _, variant = method.partition("-")
-    return load_config([], ["run.stage=prune", f"prune.layer_type={layer_type}", f"prune.method={name}",
-                            f"bip.variant={variant or 'paper'}", "prune.score_init=magnitude",
-                            "train.epochs=2", *([] if layer_type == "nm" else ["prune.k=0.3"]), *extra])
-
-
-def _batches(n: int):
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))
-            for _ in range(n)]
 
 
 def syncs_per_step(method: str, layer_type: str, extra=()) -> list[tuple[str, str]]:
     """Host syncs recorded during one step (for one-shot methods: during their setup, which
     computes the mask), after one warm-up step."""
     torch.manual_seed(0)
-    cfg = _cfg(method, layer_type, extra)
+    cfg = method_config(method, layer_type, extra)
     model = create_model("resnet20s", 10, "dense" if method == "dense" else layer_type)
     if method in ("omp", "random"):
         with SyncRecorder() as rec:
@@ -44,7 +26,7 @@ def syncs_per_step(method: str, layer_type: str, extra=()) -> list[tuple[str, st
         return rec.events
     m = create_method(cfg, model)
     m.on_epoch_start(0)
-    batches = _batches(m.streams)
+    batches = image_batches(m.streams)
     m.step(batches, 0.0)  # warm-up: first-step allocations are not the steady state
     with SyncRecorder() as rec:
         stats = m.step(batches, 0.1)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bip import identity
+from bip.config import identity
 from bip.config import load_config
 from bip.train import main, train
 

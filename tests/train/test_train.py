@@ -8,12 +8,14 @@ import pytest
 import torch
 import yaml
 
-from bip import checkpoint, identity, masking
+from bip.rundir import checkpoint
+from bip.config import identity
+from bip.pruning import masking
 from bip.config import load_config
 from bip.train import main, train
+from helpers import TINY
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["data.dataset=synthetic", "data.synthetic_size=256", "data.batch_size=32", "train.epochs=2"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, cwd=ROOT):

@@ -1,7 +1,7 @@
 """ffcv loaders (data.loader=ffcv): JIT-compiled decoding and augmentation from .beton files.
 
 ``data.train_beton`` holds the dataset's training split; our validation split is held out of
-it by index (bip.data.loaders.split_indices: the same images as with every other loader).
+it by index (bip.data.base.split_indices: the same images as with every other loader).
 ``data.val_beton`` holds the dataset's evaluation split (ImageNet val), our test split. Write
 both with ``python -m bip.data.ffcv write --help``.
 
@@ -19,7 +19,7 @@ counted once.
 
 Each training stream is reproducible per (seed, stream, epoch) and invariant to N: the order
 is the plan's, and the augmentation draws are keyed by stream_seed(seed, stream, epoch) and the
-sample index (bip.data.ffcv_ops), whichever thread, rank or world size decodes the sample. An
+sample index (bip.data.ffcv.ops), whichever thread, rank or world size decodes the sample. An
 epoch can start at any step (``epoch(e, start=k)``): the epoch's index list then starts at the
 k-th batch; nothing before it is read or decoded.
 
@@ -30,7 +30,6 @@ in torch rather than through cupy).
 from __future__ import annotations
 
 import importlib
-import sys
 from contextlib import closing
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,10 +37,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from bip.data import DatasetSpec
-from bip.data.loaders import Batch, Loaders, split_indices
-from bip.data.plan import (check_start, cpu_budget, epoch_generator, shard, split_workers,
-                           steps_per_epoch, stream_seed)
+from bip.data.base import Batch, DatasetSpec, Loaders, split_indices
+from bip.data.plan import (check_start, cpu_budget, epoch_generator, shard, split_workers, steps_per_epoch,
+                           stream_seed)
 from bip.errors import BipError
 
 INSTALL_HINT = ("data.loader=ffcv needs the ffcv extra: pip install -e '.[ffcv]' "
@@ -100,8 +98,8 @@ class FfcvStream:
                  device: torch.device):
         from ffcv.loader import Loader
 
-        from bip.data.ffcv_ops import (CropDecoder, EpochKey, FullDecoder, PlannedOrder,
-                                       SeededFlip, SeededPadCrop)
+        from bip.data.ffcv.ops import (CropDecoder, EpochKey, FullDecoder, PlannedOrder, SeededFlip,
+                                       SeededPadCrop)
         self.cfg, self.size, self.seed, self.stream, self.finish = cfg, size, seed, stream, finish
         self.rank, self.world, self.indices = rank, world, torch.from_numpy(indices.astype(np.int64))
         self.steps = steps_per_epoch(len(indices), cfg.batch_size, world)
@@ -199,7 +197,7 @@ def _eval(path: str, indices: np.ndarray, batch_size: int, workers: int, image_o
 
 
 def _eval_ops(style: str, size: int) -> list:
-    from bip.data.ffcv_ops import CropDecoder, FullDecoder
+    from bip.data.ffcv.ops import CropDecoder, FullDecoder
     if style == "imagenet":
         return [CropDecoder((size, size), center_ratio=EVAL_CROP_RATIO)]
     return [FullDecoder()]
@@ -290,18 +288,3 @@ def _constant_size(reader, path: str) -> tuple[int, int]:
     if len(heights) != 1 or len(widths) != 1:
         raise BipError(f"{path}: small-image pipelines need images of one size; got several")
     return int(heights[0]), int(widths[0])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bip.data.ffcv write ...`` (see bip.data.ffcv_write)."""
-    try:
-        require_ffcv()
-    except BipError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from bip.data.ffcv_write import main as write_main
-    return write_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

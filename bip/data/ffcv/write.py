@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from bip.config import OneLineParser
-from bip.data import ArraySplit, DATASETS, load_dataset
+from bip.data.base import ArraySplit
+from bip.data import DATASETS, load_dataset
 from bip.errors import BipError
 
 SPLITS = ("train", "val", "test")  # val and test both mean the dataset's evaluation split

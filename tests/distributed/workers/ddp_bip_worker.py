@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bip import gsync
+from bip.methods import gsync
 from bip.config import load_config
-from bip.layers import MaskedConv2d, MaskedLinear
-from bip.methods import create_method
+from bip.pruning.layers import MaskedConv2d, MaskedLinear
+from bip.methods.registry import create_method
 
 out, mode = sys.argv[1], sys.argv[2]
 if mode == "dist":

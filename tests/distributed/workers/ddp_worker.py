@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from bip import identity
+from bip.config import identity
 from bip.config import load_config
 from bip.train import train
 

@@ -7,11 +7,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from bip import masking
+from bip.pruning import masking
 from bip.config import load_config
-from bip.methods import create_method
+from bip.methods.registry import create_method
 from bip.models import create_model
-from bip.train import _accelerator  # the trainer's DDP settings (broadcast_buffers=False)
+from bip.train.loop import _accelerator  # the trainer's DDP settings (broadcast_buffers=False)
 
 K = 0.5
 accelerator = _accelerator(load_config([]))

@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bip import gsync, imp, masking
+from bip.methods import gsync, imp_levels as imp
+from bip.pruning import masking
 from bip.config import load_config
-from bip.layers import LayerFactory, score_grad
-from bip.methods import all_reduce_grads, create_method
+from bip.pruning.layers import LayerFactory, score_grad
+from bip.methods.base import all_reduce_grads
+from bip.methods.registry import create_method
 
 STEPS, GLOBAL_BATCH = 3, 8
 METHODS = ("dense", "finetune", "hydra", "bip", "bip-reference", "imp")

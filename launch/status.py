@@ -1,6 +1,6 @@
-"""What state each run is in, which runs to submit, and the grid manifests.
+"""What state each run is in, and which runs to submit.
 
-ONE function decides a run's state (``combine``), from its folder (bip.runfolder.inspect: the
+ONE function decides a run's state (``combine``), from its folder (bip.rundir.folder.inspect: the
 files and the lease) and, when available, Slurm accounting; ``grid.py --status``, ``--wait``
 and ``collect.py`` all use it. States, first rule that applies:
 
@@ -15,31 +15,24 @@ and ``collect.py`` all use it. States, first rule that applies:
     started   a checkpoint or metrics but nothing runs it (killed, or stopped): resumable
     waiting   config.yaml only (written at submission)        new  no folder
 
-Manifests (``<root>/_grids/<name>.json``) record the job id of every submitted run. Every
-manifest under the root is read, so a run queued by ANY grid counts as live for all of them.
+Slurm accounting is launch/slurm.py's; the grid manifests are launch/manifest.py's.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
-from typing import Iterable
 
-from bip import identity
-from bip.atomic import write_text
-from bip.runfolder import Inspection, inspect, lease_live
+from bip.config import identity
+from bip.rundir.folder import Inspection, inspect, lease_live
+from launch.manifest import all_jobs
+from launch.slurm import ACTIVE, job_states
 from launch.sweep import Plan, Run
 
 STATES = ("done", "running", "pending", "failed", "corrupt", "blocked", "started", "waiting", "new")
 LIVE = ("running", "pending")
 # Slurm states of a job that may still produce a result. PREEMPTED is not one: a preempted job
 # that is requeued shows PENDING again; one that stays PREEMPTED was cancelled by preemption.
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING",
-          "CONFIGURING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "READY"}
 OUTPUTS = (identity.RESULT, identity.FINAL, identity.CHECKPOINT, identity.MASK, identity.METRICS,
            identity.ERROR, identity.REWIND)
 
@@ -101,55 +94,6 @@ def code_changes(plan: Plan) -> list[tuple[str, list[str]]]:
 
 # -- Slurm accounting ------------------------------------------------------------------------
 
-def job_states(job_ids: Iterable[str]) -> dict[str, str]:
-    """Slurm state of each job id (``123`` or ``123_4``): sacct over the few array ids they
-    belong to, then squeue for the ids sacct does not list yet (it lags squeue by seconds)."""
-    ids = sorted({j for j in job_ids if j})
-    if not ids or shutil.which("sacct") is None:
-        return {}
-    bases = sorted({j.split("_")[0] for j in ids})
-    states: dict[str, str] = {}
-    for start in range(0, len(bases), 200):
-        out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(bases[start:start + 200])])
-        for line in out.splitlines():
-            parts = line.split("|")
-            if len(parts) >= 2 and parts[1].strip():
-                for job in expand_job_id(parts[0]):
-                    states[job] = parts[1].split()[0].upper()  # "CANCELLED by 0" -> CANCELLED
-    missing = [j for j in ids if j not in states]
-    if missing:
-        bases = sorted({j.split("_")[0] for j in missing})
-        out = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
-        for line in out.splitlines():
-            if "|" in line:
-                job, state = line.split("|", 1)
-                states.setdefault(job.strip(), state.strip().upper())
-    return {j: states[j] for j in ids if j in states}
-
-
-def expand_job_id(text: str) -> list[str]:
-    """sacct's ``123_[0-3,7%2]`` (pending array tasks) -> 123_0 ... 123_3, 123_7."""
-    match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", text.strip())
-    if not match:
-        return [text.strip()]
-    base, spec = match.group(1), match.group(2).split("%")[0]
-    out = []
-    for part in spec.split(","):
-        low, _, high = part.partition("-")
-        if low.isdigit() and (not high or high.isdigit()):
-            out += [f"{base}_{i}" for i in range(int(low), int(high or low) + 1)]
-    return out
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-# -- choosing what to submit -----------------------------------------------------------------
-
 def select(plan: Plan, states: dict, only_failed: bool = False) -> tuple[list[Run], list[Run]]:
     """(runs to submit, done runs among them whose outputs must be set aside first).
 
@@ -177,65 +121,6 @@ def supersede(run_dir: Path) -> Path:
 
 
 # -- files -----------------------------------------------------------------------------------
-
-def write_configs(plan: Plan, runs: list[Run], submission: dict) -> None:
-    """config.yaml of each run about to be submitted (if missing), so the results index shows
-    queued and blocked runs too; train() rewrites it with full provenance when it starts."""
-    for run in runs:
-        path = plan.dir(run) / identity.CONFIG
-        if not path.is_file():
-            write_text(path, identity.config_yaml(run.cfg, {"submitted": submission}))
-
-
-def manifest_path(plan: Plan) -> Path:
-    return plan.root / "_grids" / f"{plan.name}.json"
-
-
-def read_manifest(plan: Plan) -> dict:
-    return _read_json(manifest_path(plan)) or {"cells": {}, "submissions": []}
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # a broken manifest only loses job states
-    return doc if isinstance(doc, dict) else None
-
-
-def all_jobs(root: Path) -> dict[str, dict]:
-    """{run key: {job_id, grid, submitted}}: the latest submission of each run by ANY grid
-    under ``root`` (every manifest is read)."""
-    out: dict[str, dict] = {}
-    folder = Path(root) / "_grids"
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.glob("*.json")):
-        doc = _read_json(path) or {}
-        cells = doc.get("cells") if isinstance(doc.get("cells"), dict) else {}
-        for key, entry in cells.items():
-            if isinstance(entry, dict) and entry.get("job_id"):
-                when = float(entry.get("submitted_at", 0) or 0)
-                if key not in out or when >= out[key]["submitted"]:
-                    out[key] = {"job_id": str(entry["job_id"]), "grid": path.stem, "submitted": when}
-    return out
-
-
-def record(plan: Plan, manifest: dict, submission: dict, job_ids: dict[str, str | None]) -> Path:
-    """Add one submission (its arrays and the job id of every run) to the manifest."""
-    manifest = {**manifest, "grid": str(plan.path.resolve()), "name": plan.name, "root": str(plan.root)}
-    manifest.setdefault("cells", {})
-    for run in plan.all_runs():
-        entry = manifest["cells"].setdefault(run.key, {})
-        entry.update(stage=run.stage, parent=run.parent, label=run.label)
-        if run.key in job_ids:
-            entry.update(job_id=job_ids[run.key], executor=submission["executor"],
-                         submitted_at=submission.get("at", time.time()))
-    manifest["submissions"] = manifest.get("submissions", []) + [submission]
-    path = manifest_path(plan)
-    write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return path
-
 
 def error_line(run_dir: Path) -> str:
     found = inspect(run_dir)
