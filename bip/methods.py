@@ -307,6 +307,9 @@ def create_method(cfg: Config, model: nn.Module, imp_source: "imp.Source | None"
         if cfg.bip.variant == "reference":
             from bip.bip_reference import BipReference
             return BipReference(cfg, model)
+        if cfg.bip.variant == "fused":
+            from bip.fused import BipFused  # one pass per step (bip/fused.py)
+            return BipFused(cfg, model)
         return BipPaper(cfg, model)
     if method in ("omp", "random"):
         return OneShot(cfg, model)
