@@ -80,7 +80,7 @@ def _unused(cfg: Config) -> set[str]:
     if method in ("omp", "random"):  # one-shot: nothing is trained
         unused |= {"optim.*"} | _TRAINING
     if method == "bip":
-        paper = cfg.bip.variant == "paper"
+        paper = cfg.bip.variant in ("paper", "fused")  # fused reads the paper's fields
         unused |= (_REFERENCE_ONLY | _UNUSED_BY_PAPER_BIP) if paper else _PAPER_ONLY
     return unused
 

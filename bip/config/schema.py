@@ -147,6 +147,7 @@ class PruneConfig:
 @dataclass(frozen=True)
 class BipConfig:
     variant: str = "paper"          # paper: the paper's update | reference: the released code's
+                                    # | fused: the paper's formulas from one pass (bip/methods/fused.py)
     alpha: float = 0.01             # paper: lower-level (weight) lr
     beta: float = 0.1               # paper: upper-level (score) lr
     gamma: float = 1.0              # paper: IG term scale 1/gamma (inf = no IG term; README)
@@ -158,7 +159,7 @@ class BipConfig:
     mask_lr_schedule: str = "cosine"  # reference: schedule of the mask optimizer (base: optim.lr)
 
     def __post_init__(self):
-        _check_choice("bip.variant", self.variant, ("paper", "reference"))
+        _check_choice("bip.variant", self.variant, ("paper", "reference", "fused"))
         _check_choice("bip.mask_lr_schedule", self.mask_lr_schedule, ("cosine", "step"))
         if not self.gamma > 0:
             raise BipError(f"bip.gamma must be > 0 (inf drops the implicit-gradient term), got {self.gamma}")

@@ -54,7 +54,7 @@ class BipPaper(Method):
 
         self.upper.zero_grad(set_to_none=True)
         # Under DDP, g = dL/dZ is averaged over ranks before the score gradient squares it
-        # (mean(g_r^2) != mean(g)^2); bip.gsync overlaps that all-reduce with the backward.
+        # (mean(g_r^2) != mean(g)^2); bip.methods.gsync overlaps that all-reduce with the backward.
         sink = gsync.GReducer(self.ig_coeff) if gsync.distributed() else None
         with masking.grad_target(self.core, "scores", self.ig_coeff, sink), self._no_sync():
             loss_t, out = self._loss(x_t, y_t)

@@ -2,7 +2,7 @@
 and trainer/base.py), quirk for quirk, bitwise in float64 (tests/test_methods.py).
 
 Use ``bip.variant=reference`` (BiP) or ``prune.variant=reference`` (HYDRA) to match published
-numbers or to check against that code; the default ``paper`` variants (bip.methods.BipPaper,
+numbers or to check against that code; the default ``paper`` variants (bip.methods.bilevel.BipPaper,
 bip.methods.Hydra) implement the papers' updates. HYDRA's reference variant (HydraReference) is
 the released ``--trainer base`` prune run: the same score init (aliasing or the 1/sqrt(k)
 rescale, below), ONE SGD optimizer over all parameters with per-epoch lrs (cosine with the

@@ -9,6 +9,7 @@ from bip.methods import imp_levels
 from bip.methods.base import Method
 from bip.methods.bilevel import BipPaper
 from bip.methods.dense import Dense
+from bip.methods.fused import BipFused
 from bip.methods.hydra import Hydra
 from bip.methods.imp import Imp
 from bip.methods.oneshot import OneShot
@@ -16,7 +17,7 @@ from bip.methods.reference import BipReference, HydraReference
 
 # prune.method -> {variant: class}; the variant is bip.variant for bip, prune.variant for hydra.
 PRUNE_METHODS: dict[str, dict[str, type[Method]]] = {
-    "bip": {"paper": BipPaper, "reference": BipReference},
+    "bip": {"paper": BipPaper, "reference": BipReference, "fused": BipFused},
     "hydra": {"paper": Hydra, "reference": HydraReference},
     "omp": {"paper": OneShot},
     "random": {"paper": OneShot},

@@ -7,7 +7,7 @@ Conventions (README "Compute accounting"):
   the local count times the world size: no communication);
 - ``train_passes`` = (forward + 2 x backward) / 3: training passes of one example (one forward
   and one backward each; a backward costs two forwards, so a forward-only pass counts 1/3).
-  Per step and example: dense / finetune / IMP / HYDRA 1, BiP paper 2, BiP reference 10/3
+  Per step and example: dense / finetune / IMP / HYDRA / BiP fused 1, BiP paper 2, BiP reference 10/3
   (4 forwards, 3 backwards); one-shot OMP / random 0. Evaluation is not counted;
 - ``train_flops`` = 2 FLOPs per MAC x effective MACs per example (the kept weights times their
   output positions, bip.export.macs_from_positions) x (forwards + 2 x backwards). The MACs are

@@ -60,6 +60,7 @@ def test_nested_yaml_sections(tmp_path):
     (["run.stage=prune"], "needs a pruned layer type"),
     (["noequals"], "expected section.key=value"),
     (["bip.gamma=0"], "bip.gamma must be > 0 (inf drops"),
+    (["bip.variant=fast"], "bip.variant='fast' is not valid; choose one of: paper, reference, fused"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(BipError) as err:
@@ -83,3 +84,9 @@ def test_replace_validates():
     assert cfg.replace(**{"train.epochs": "5"}).train.epochs == 5
     with pytest.raises(BipError):
         cfg.replace(**{"prune.k": 2})
+
+
+def test_bip_fused_variant_is_accepted():
+    cfg = load_config([], ["run.stage=prune", "prune.layer_type=unstructured", "prune.method=bip",
+                           "bip.variant=fused"])
+    assert cfg.bip.variant == "fused"

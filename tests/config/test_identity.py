@@ -41,6 +41,19 @@ def test_result_affecting_fields_split_ids(change):
     assert identity.run_id(cfg.replace(**change)) != identity.run_id(cfg)
 
 
+def test_fused_variant_has_its_own_id_and_hashes_the_paper_fields():
+    paper = load_config([], PRUNE)
+    fused = load_config([], PRUNE + ["bip.variant=fused"])
+    assert identity.run_id(load_config([], PRUNE + ["bip.variant=paper"])) == identity.run_id(paper)
+    assert identity.run_id(fused) != identity.run_id(paper)
+    assert identity.hashed_fields(fused)["bip.variant"] == "fused"  # the index's column labels it
+    # fused reads the paper variant's fields (alpha, beta, gamma, ...), not optim.* or lr2
+    assert identity.run_id(fused.replace(**{"bip.alpha": 0.5})) != identity.run_id(fused)
+    assert identity.run_id(fused.replace(**{"bip.gamma": 3.0})) != identity.run_id(fused)
+    assert identity.run_id(fused.replace(**{"optim.lr": 0.5})) == identity.run_id(fused)
+    assert identity.run_id(fused.replace(**{"bip.lr2": 0.5})) == identity.run_id(fused)
+
+
 def test_source_checkpoint_is_hashed_by_content(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "sub" / "b.pt"
     b.parent.mkdir()

@@ -1,5 +1,5 @@
 """A result does not depend on the process count: for every method (dense pretrain, finetune,
-hydra, bip paper, bip reference, an imp round), N = 2 and 4 gloo ranks, each on its interleaved
+hydra, bip paper, bip fused, bip reference, an imp round), N = 2 and 4 gloo ranks, each on its interleaved
 shard of a global batch, hold after every one of 3 steps the same weights, scores, masks and
 optimizer state as ONE process on the whole global batch: to 1e-6 in float32, 1e-12 in float64
 (BN-free model: its forward does not couple samples). With train-mode BatchNorm the ranks see
@@ -20,7 +20,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "workers" / "invariance_worker.py")
-METHODS = ("dense", "finetune", "hydra", "bip", "bip-reference", "imp")
+METHODS = ("dense", "finetune", "hydra", "bip", "bip-fused", "bip-reference", "imp")
 TOLERANCE = {"torch.float32": 1e-6, "torch.float64": 1e-12}
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_n_ranks_on_shards_equal_one_process_on_the_global_batch(reports, method
     assert max_difference(one, many) <= TOLERANCE[dtype]
     assert reports[n]["disagree"][key] == []
     # Not vacuous: every step moved the trained tensors, and the snapshot covers the optimizers.
-    trained = "scores" if method in ("hydra", "bip", "bip-reference") else "weight"
+    trained = "scores" if method in ("hydra", "bip", "bip-fused", "bip-reference") else "weight"
     for before, after in zip(one, one[1:]):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(trained))
     if method != "imp":  # imp's round starts with fresh momentum (its first step fills it)
@@ -75,7 +75,7 @@ def test_n_ranks_on_shards_equal_one_process_on_the_global_batch(reports, method
 
 def test_masks_change_during_the_compared_steps(reports):
     """BiP and HYDRA re-rank every step: the compared masks are not the initial ones only."""
-    for method in ("bip", "bip-reference", "hydra"):
+    for method in ("bip", "bip-fused", "bip-reference", "hydra"):
         snaps = reports[1]["runs"][f"{method}/torch.float64"]
         masks = [torch.cat([v.flatten() for k, v in s.items() if k.endswith("mask")]) for s in snaps]
         assert not torch.equal(masks[0], masks[-1]), method
@@ -88,9 +88,10 @@ def test_batchnorm_models_keep_every_rank_identical(reports, method, n):
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_squaring_each_ranks_local_g_breaks_the_invariant_that_gsync_keeps(reports, n):
-    one = reports[1]["runs"]["bip/torch.float32"]
-    fixed = max_difference(one, reports[n]["runs"]["bip/torch.float32"])
-    local = max_difference(one, reports[n]["runs"]["bip-local-g2/torch.float32"])
+@pytest.mark.parametrize("method", ["bip", "bip-fused"])
+def test_squaring_each_ranks_local_g_breaks_the_invariant_that_gsync_keeps(reports, n, method):
+    one = reports[1]["runs"][f"{method}/torch.float32"]
+    fixed = max_difference(one, reports[n]["runs"][f"{method}/torch.float32"])
+    local = max_difference(one, reports[n]["runs"][f"{method}-local-g2/torch.float32"])
     assert fixed <= 1e-6 and local > 1e-3, (fixed, local)
 

@@ -76,6 +76,73 @@ def test_bip_paper_iteration_matches_hand_computation():
     torch.testing.assert_close(torch.cat([model[0].mask.flatten(), model[1].mask.flatten()]).double(), new_keep)
 
 
+def test_bip_fused_steps_match_hand_computation():
+    """bip.variant=fused, two steps through create_method (momentum and both weight decays on):
+    one g = dL/dZ per step, at the current weights, feeds the weight step (M * g) and the score
+    step (sign(S) * (W * g - (1/gamma) * M * g^2)), then one new mask."""
+    torch.manual_seed(0)
+    alpha, beta, gamma, lower_wd, upper_wd, mu, k = 0.05, 0.3, 0.5, 0.01, 0.001, 0.9, 0.5
+    cfg = prune_cfg("prune.method=bip", "bip.variant=fused", "prune.score_init=magnitude",
+                    f"prune.k={k}", f"bip.alpha={alpha}", f"bip.beta={beta}", f"bip.gamma={gamma}",
+                    f"bip.lower_wd={lower_wd}", f"bip.upper_wd={upper_wd}", f"bip.momentum={mu}",
+                    "optim.lr_schedule=constant", "train.epochs=10")
+    model = nn.Sequential(MaskedLinear(3, 2, bias=False), MaskedLinear(2, 2, bias=False)).double()
+    method = create_method(cfg, model)
+    from bip.methods.fused import BipFused
+    assert type(method) is BipFused and method.streams == 1
+
+    w = [model[0].weight.detach().clone(), model[1].weight.detach().clone()]
+    s = [x.clone() for x in w]  # magnitude init: S = W
+    bw, bs = [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
+
+    def top5(tensors):
+        keep = torch.zeros(10, dtype=torch.float64)
+        keep[torch.cat([t.abs().flatten() for t in tensors]).topk(5).indices] = 1
+        return [keep[:6].view(2, 3), keep[6:].view(2, 2)]
+
+    m = top5(s)
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g)
+        method.step([(x, y)], progress=step / 10)
+        # By hand: g by autograd on the masked weights Z = W * M, at the current W.
+        z = [(wi * mi).requires_grad_() for wi, mi in zip(w, m)]
+        loss = F.cross_entropy(x @ z[0].T @ z[1].T, y)
+        gz = torch.autograd.grad(loss, z)
+        for i in range(2):
+            dw = m[i] * gz[i] + lower_wd * w[i]
+            ds = torch.sign(s[i]) * (w[i] * gz[i] - m[i] * gz[i] ** 2 / gamma) + upper_wd * s[i]
+            bw[i] = dw if step == 0 else mu * bw[i] + dw
+            bs[i] = ds if step == 0 else mu * bs[i] + ds
+            w[i], s[i] = w[i] - alpha * bw[i], s[i] - beta * bs[i]
+        m = top5(s)
+        for i in range(2):
+            torch.testing.assert_close(model[i].weight.detach(), w[i], rtol=0, atol=1e-14)
+            torch.testing.assert_close(model[i].scores.detach(), s[i], rtol=0, atol=1e-14)
+            torch.testing.assert_close(model[i].mask.double(), m[i], rtol=0, atol=0)
+    assert method.take_passes() == (8, 8)  # one forward and one backward per example
+
+
+def test_bip_fused_differs_from_paper_only_by_where_g_is_taken():
+    """With alpha = 0 the paper's upper level sees the same weights as the fused step, so on
+    the same batch (V = T) the two variants give the same scores and masks (BN's running
+    statistics aside: the paper variant runs two train-mode forwards per step)."""
+    def run(variant):
+        torch.manual_seed(0)
+        cfg = prune_cfg("prune.method=bip", f"bip.variant={variant}", "prune.score_init=magnitude",
+                        "prune.k=0.3", "bip.alpha=0", "bip.beta=2.0", "train.epochs=10")
+        model = _small_model().double()
+        method = create_method(cfg, model)
+        for i in range(3):
+            x, y = _batch(i)
+            method.step([(x.double(), y)] * method.streams, i / 10)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    paper, fused = run("paper"), run("fused")
+    for key in paper:
+        if "running_" not in key and "num_batches" not in key:
+            torch.testing.assert_close(fused[key], paper[key], rtol=0, atol=1e-12, msg=key)
+
+
 def test_bip_gamma_inf_drops_the_implicit_term():
     cfg = prune_cfg("prune.method=bip", "bip.gamma=inf")
     assert BipPaper(cfg, nn.Sequential(MaskedLinear(3, 2))).ig_coeff == 0.0

@@ -11,7 +11,7 @@ from bip.testing.synccheck import SyncRecorder
 from helpers import image_batches, method_config
 
 PRUNED = ["unstructured", "filter", "channel", "nm"]
-STEPPED = ["finetune", "hydra", "bip", "bip-reference"]
+STEPPED = ["finetune", "hydra", "bip", "bip-fused", "bip-reference"]
 
 
 def syncs_per_step(method: str, layer_type: str, extra=()) -> list[tuple[str, str]]:
@@ -49,6 +49,7 @@ def test_step_is_sync_free(method, layer_type):
 @pytest.mark.parametrize("method,extra", [
     ("hydra", ["prune.scope=layer"]),
     ("bip", ["prune.min_layer_keep=0.01", "prune.skip=first,classifier"]),
+    ("bip-fused", ["prune.min_layer_keep=0.01", "prune.skip=first,classifier"]),
     ("bip-reference", ["prune.min_layer_keep=2"]),
 ])
 def test_budget_options_are_sync_free(method, extra):

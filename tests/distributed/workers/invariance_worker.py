@@ -8,8 +8,8 @@ every step the worker snapshots the model's state (weights, biases, scores, mask
 optimizer's state, in float32 and in float64, for a BN-free model. Under ``dist`` it also
 trains a BatchNorm model and records the steps after which the ranks' tensors (all but the BN
 running statistics, which are per rank by design) were not bitwise identical, and trains BiP
-(paper) once more with the score gradient formed from each rank's LOCAL g and then averaged
-(the pre-gsync behaviour, mean of g_r^2 instead of (mean g)^2). Rank 0 / the single process
+(paper, and fused) once more with the score gradient formed from each rank's LOCAL g and then
+averaged (the pre-gsync behaviour, mean of g_r^2 instead of (mean g)^2). Rank 0 / the single process
 saves everything to OUT.
 """
 import sys
@@ -26,7 +26,7 @@ from bip.methods.base import all_reduce_grads
 from bip.methods.registry import create_method
 
 STEPS, GLOBAL_BATCH = 3, 8
-METHODS = ("dense", "finetune", "hydra", "bip", "bip-reference", "imp")
+METHODS = ("dense", "finetune", "hydra", "bip", "bip-fused", "bip-reference", "imp")
 out, mode = sys.argv[1], sys.argv[2]
 if mode == "dist":
     dist.init_process_group("gloo")
@@ -150,6 +150,7 @@ if mode == "dist":
         report["disagree"][f"{method}/bn"] = train(method, torch.float32, batch_norm=True)[1]
     gsync.GReducer = LocalSquareThenAverage
     report["runs"]["bip-local-g2/torch.float32"] = train("bip", torch.float32)[0]
+    report["runs"]["bip-fused-local-g2/torch.float32"] = train("bip-fused", torch.float32)[0]
 if rank == 0:
     torch.save(report, out)
 if mode == "dist":
