@@ -30,7 +30,7 @@ COLLAPSED_COLOR = OKABE_ITO["black"]
 # Axis labels, with units, used by every figure.
 ACC_LABEL = "test accuracy (%)"
 SPARSITY_LABEL = "sparsity 1 - k (%), log scale in k"
-PASSES_LABEL = "training passes over the data, whole lineage (epochs, log scale)"
+PASSES_LABEL = "training passes of one example, whole lineage (example passes, log scale)"
 HOURS_LABEL = "wall time, whole lineage (hours, log scale)"
 
 
@@ -50,23 +50,26 @@ def marker(method: str) -> str:
 
 
 def compact(value: float) -> str:
-    """A tick label short enough not to collide: 2, 50, 1.5k, 2M."""
+    """A tick label short enough not to collide: 0.02, 50, 1.5k, 2M (3 significant digits)."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
-            return f"{value / scale:g}{suffix}"
-    return f"{value:g}"
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def log_axis(ax, axis: str = "x") -> None:
-    """A log axis with labels at 1, 2, 5 x 10^n when the data spans few decades (a plain decade
-    axis then has one label or none) and at decades only when it spans many; minor ticks carry
-    no labels, so labels never overlap."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    """A log axis whose labels never overlap and never run out: at 1, 2, 5 x 10^n when the data
+    spans a few decades, at decades only when it spans many, and at 4 evenly chosen values
+    when it spans less than one (a decade axis would then have one label or none). Call it
+    after plotting: it reads the data limits. Minor ticks carry no labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
     target = ax.xaxis if axis == "x" else ax.yaxis
     getattr(ax, f"set_{axis}scale")("log")
     lo, hi = (ax.get_xlim() if axis == "x" else ax.get_ylim())
     decades = 0.0 if lo <= 0 or hi <= 0 else abs(math.log10(hi / lo))
-    subs = (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)
-    target.set_major_locator(LogLocator(base=10, subs=subs))
+    if decades < 1:
+        target.set_major_locator(MaxNLocator(4))
+    else:
+        target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))
     target.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
     target.set_minor_formatter(NullFormatter())
