@@ -34,7 +34,8 @@ def _svg(fig, salt: str) -> str:
     import matplotlib
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
-        fig.savefig(buffer, format="svg", metadata={"Date": None})
+        # no RDF block (date, creator): the page stays the same for the same runs, and smaller
+        fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: it is inline
 
