@@ -66,7 +66,7 @@ def test_not_done_listed_not_averaged_and_one_seed_flagged(fake_root):
 
 
 def test_one_seed_point_has_std_zero(tmp_path):
-    from conftest import RUNS, write_root  # tests/report/conftest.py
+    from report_fakeroot import RUNS, write_root
     root = tmp_path / "runs"
     root.mkdir()
     write_root(root, [r for r in RUNS if not (r[1] == "bip" and r[2] == 0.1 and r[3] == 3)])
@@ -102,7 +102,7 @@ def test_collapsed_and_compute_ratio(fake_root):
 
 
 def test_settings_split_curves(tmp_path):
-    from conftest import write_root
+    from report_fakeroot import write_root
     root = tmp_path / "runs"
     root.mkdir()
     write_root(root, bip_gammas=(1.0, 10.0))
