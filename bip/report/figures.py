@@ -135,7 +135,7 @@ def accuracy_vs_compute(panel: dict, salt: str) -> str | None:
             line = ls if len(xs) > 1 and all(a < b for a, b in zip(xs, xs[1:])) else "none"
             ax.errorbar(xs, [p["mean"] for _, p in pts], yerr=[p["std"] for _, p in pts], color=color, ls=line,
                         marker=style.marker(c["method"]), ms=5, capsize=3, label=c["label"])
-            for x, (k, p) in zip(xs, pts):
+            for x, (k, p) in zip(xs, pts) if len(panel["curves"]) <= 6 else ():  # beyond, unreadable
                 ax.annotate(f"k={k:g}", (x, p["mean"]), xytext=(4, 3), textcoords="offset points",
                             fontsize=6, color="0.35")
         style.log_axis(ax, "x")

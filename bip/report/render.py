@@ -92,25 +92,44 @@ def context(root: Path, rows: list[dict], panels: list[dict]) -> dict:
     root = Path(root)
     prov = tables.provenance(rows, root)
     prov["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = []
+    jobs = []
     for i, panel in enumerate(panels):
         selected = tables.select_layer_runs(panel)
         layers = {r["path"]: tables.read_layers(root / str(r["path"]))
                   for runs in selected.values() for _, r in runs}
-        salt = f"panel{i}"
+        jobs.append((panel, selected, layers, f"panel{i}"))
+    out = []
+    for (panel, _, _, _), figs in zip(jobs, _draw_all(jobs)):
         out.append({
             "panel": panel, "results": results_cells(panel), "ratios": ratio_cells(panel),
-            "exports": export_cells(panel, root),
-            "fig_sparsity": figures.accuracy_vs_sparsity(panel, salt + "s"),
-            "fig_compute": figures.accuracy_vs_compute(panel, salt + "c"),
-            "fig_layers": figures.layer_density(selected, layers, panel["title"], salt + "l"),
-            "fig_export": figures.export_speedup(panel, salt + "e"),
+            "exports": export_cells(panel, root), **figs,
             "dense": fmt_point(panel["dense"]) if panel["dense"]["n"] else "no done dense run",
         })
     not_done = [r for p in panels for r in p["not_done"]]
     return {"prov": prov, "panels": out, "winning": winning_cells(panels),
             "not_done": sorted({r["path"]: r for r in not_done}.values(), key=lambda r: str(r["path"])),
             "flagged": any(p["flagged"] for x in panels for c in x["curves"] for p in c["points"].values())}
+
+
+def _figures(job) -> dict:
+    panel, selected, layers, salt = job
+    return {"fig_sparsity": figures.accuracy_vs_sparsity(panel, salt + "s"),
+            "fig_compute": figures.accuracy_vs_compute(panel, salt + "c"),
+            "fig_layers": figures.layer_density(selected, layers, panel["title"], salt + "l"),
+            "fig_export": figures.export_speedup(panel, salt + "e")}
+
+
+def _draw_all(jobs: list) -> list[dict]:
+    """The figures of every panel; drawing is most of the report's time, so panels are drawn in
+    parallel processes (one per core) when there are several and fork is available."""
+    import multiprocessing
+    import os
+    workers = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_figures(job) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_figures, jobs))
 
 
 def _md_table(header, rows) -> list[str]:

@@ -308,8 +308,9 @@ def winning_table(panels: list[dict]) -> tuple[list[str], list[tuple[str, list]]
     return columns, sorted(rows.items())
 
 
-def select_layer_runs(panel: dict, per_k: int = 1) -> dict:
-    """Runs whose per-layer density the report draws: at each k, the first done run (lowest
+def select_layer_runs(panel: dict, most_ks: int = 3) -> dict:
+    """Runs whose per-layer density the report draws: at the densest, a middle and the sparsest k
+    (``most_ks`` ks: more subplots take long to draw and long to read), the first done run (lowest
     seed) of each method (its first setting), {k: [(label, run)]}."""
     chosen: dict = defaultdict(list)
     seen = set()
@@ -320,7 +321,10 @@ def select_layer_runs(panel: dict, per_k: int = 1) -> dict:
             seen.add((c["method"], k))
             run = min(p["runs"], key=lambda r: (r.get("seed") is None, r.get("seed") or 0))
             chosen[k].append((c["label"], run))
-    return dict(sorted(chosen.items(), key=lambda kv: -kv[0])[:max(1, per_k) * 6])
+    ks = sorted(chosen, reverse=True)
+    if len(ks) > most_ks:
+        ks = sorted({ks[round(i * (len(ks) - 1) / (most_ks - 1))] for i in range(most_ks)}, reverse=True)
+    return {k: chosen[k] for k in ks}
 
 
 def provenance(rows: list[dict], root: Path) -> dict:
