@@ -1,7 +1,8 @@
 """Rebuild ``ROOT/index.csv`` from the run folders alone: one row per run, with its status.
 
 Jobs never append to a shared file; this scan can be re-run at any time and gives a
-byte-identical CSV for the same folders. ``python launch/collect.py ROOT [--plots] [--out DIR]``;
+byte-identical CSV for the same folders. ``python launch/collect.py ROOT [--plots] [--out DIR]
+[--report]`` (--report: then ``python -m bip.report ROOT``, docs/report.md);
 ``collect(root)`` is the library entry point (the launcher's ``--wait`` and the demo call it).
 
 ``status`` is launch/status.py's, the same function ``grid.py --status`` and ``--wait`` use:
@@ -255,9 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", action="store_true",
                         help="also write ROOT/summary.md and one PNG per dataset/arch/layer type")
     parser.add_argument("--out", type=Path, help="folder for the PNGs (default: ROOT/plots)")
+    parser.add_argument("--report", action="store_true",
+                        help="then write ROOT/report/ (index.html, report.md, tables.tex: python -m bip.report)")
     try:
         args = parser.parse_args(argv)
         index, rows = _collect(args.root, args.plots, args.out)
+        if args.report:  # imported here: the index alone needs no jinja2/scipy
+            from bip.report import report
+            report_path = report(args.root)
     except (BipError, OSError) as err:  # OSError: e.g. ROOT is read-only
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = {status: sum(row["status"] == status for row in rows) for status in STATUSES}
     print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
     print(index, flush=True)
+    if args.report:
+        print(report_path, flush=True)
     return 0
 
 

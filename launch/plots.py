@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as `python launch/plots.py`: make `bip` imp
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bip.errors import BipError  # noqa: E402
+from bip.report import style  # noqa: E402  (the one palette: the same colour per method everywhere)
 
 # Sparsity ticks (percent) the x axis may label; -log10(k) spreads 20 % ... 99.9 % evenly.
 _TICKS = (0, 20, 50, 70, 80, 90, 95, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99)
@@ -254,10 +255,10 @@ def render_panels(entries: list[dict]) -> dict[str, bytes]:
 
 
 def _mark_collapsed(ax, entries: list[dict], x) -> None:
-    """A red cross over every point where some seed's network ended disconnected."""
+    """A black cross over every point where some seed's network ended disconnected."""
     hit = [e for e in entries if e.get("collapsed")]
     if hit:
-        ax.scatter([x(e) for e in hit], [e["test_acc_mean"] for e in hit], marker="x", s=70, c="red",
+        ax.scatter([x(e) for e in hit], [e["test_acc_mean"] for e in hit], marker="x", s=70, c=style.COLLAPSED_COLOR,
                    zorder=5, label="collapsed (some seed disconnected)")
 
 
@@ -291,14 +292,15 @@ def render_compute(entries: list[dict]) -> dict[str, bytes]:
             # of one curve may share their compute, and each is labelled with its k.
             line = "-" if len(xs) > 1 and all(a < b for a, b in zip(xs, xs[1:])) else "none"
             ax.errorbar(xs, [e["test_acc_mean"] for e in group], yerr=[e["test_acc_std"] for e in group],
-                        marker="s" if curve == "dense" else "o", ms=4, capsize=3, ls=line, label=curve)
+                        marker=style.marker(curve), color=style.color(curve), ms=4, capsize=3, ls=line,
+                        label=curve)
             for e in group:
                 if curve != "dense":
                     ax.annotate(f"{e['k']:g}", (e["lineage_train_passes_mean"], e["test_acc_mean"]),
                                 xytext=(4, 2), textcoords="offset points", fontsize=6, color="0.3")
         _mark_collapsed(ax, points, lambda e: e["lineage_train_passes_mean"])
-        ax.set_xscale("log")
-        ax.set_xlabel("training passes over examples, whole lineage (pretrain + prune + finetune)")
+        style.log_axis(ax, "x")  # minor-tick labels of a short log span collided
+        ax.set_xlabel("training passes of one example, whole lineage (pretrain + prune + finetune; log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(" / ".join(map(str, panel)) + ": accuracy vs compute")
         ax.grid(alpha=0.3, which="both")
@@ -369,7 +371,8 @@ def _draw(ax, panel: tuple, curves: list[dict], dense: list[dict]) -> None:
     for method, points in sorted(by_curve.items()):
         points.sort(key=lambda e: -e["k"])
         ax.errorbar([-math.log10(e["k"]) for e in points], [e["test_acc_mean"] for e in points],
-                    yerr=[e["test_acc_std"] for e in points], marker="o", ms=4, capsize=3, label=method)
+                    yerr=[e["test_acc_std"] for e in points], marker=style.marker(method), color=style.color(method),
+                    ms=4, capsize=3, label=method)
     _mark_collapsed(ax, curves, lambda e: -math.log10(e["k"]))
     xs = [-math.log10(e["k"]) for e in curves]
     ticks = [t for t in _TICKS if min(xs) - 0.05 <= -math.log10(1 - t / 100) <= max(xs) + 0.05]
