@@ -52,7 +52,7 @@ COLUMNS = (
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
     *EXPORT_COLUMNS, "collapsed", "imp_round", "epochs", *COMPUTE_COLUMNS, "device", "world_size",
     "global_batch_size", "git_sha", "git_dirty",
-    "slurm_job_id", "host", "started", "code_changed", "error", "path",
+    "slurm_job_id", "host", "started", "code_changed", "error", "path", "hashed",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
 _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
@@ -185,6 +185,8 @@ def _config_fields(doc: dict) -> dict:
     stage = flat.get("run.stage")
     fields = {
         "run_id": doc["run_id"], "parent_id": doc["parent_id"] or "", "stage": stage,
+        # The fields the run id hashes, as config.yaml records them (JSON): what plots key on.
+        "hashed": json.dumps(doc["hashed"], sort_keys=True) if isinstance(doc.get("hashed"), dict) else "",
         "method": method_label(stage, flat.get("prune.method")),
         "dataset": flat.get("data.dataset"), "arch": flat.get("model.arch"),
         "layer_type": flat.get("prune.layer_type"), "k": flat.get("prune.k"),

@@ -15,6 +15,7 @@ of a point: std is the sample std (n - 1), 0 for a single point.
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import statistics
@@ -38,20 +39,17 @@ _NOT_A_SETTING = {"prune.k", "run.parent", "run.source_sha256", "run.stage", "da
 
 
 def _setting(row: dict, cache: dict) -> tuple:
-    """The result-affecting settings of a run (bip.config.identity.hashed_fields of its config: the
-    fields that differ from their defaults and that its stage and method read) as sorted pairs,
-    minus _NOT_A_SETTING."""
-    from bip.config.identity import _NOT_HASHED
-    fields = tuple(sorted((k, v) for k, v in row.items() if "." in k and k not in _NOT_HASHED))
-    if fields not in cache:
-        from bip.config import build_config
-        from bip.config.identity import hashed_fields
+    """The result-affecting settings of a run: the fields its run id hashes (the index's
+    ``hashed`` column, from config.yaml) as sorted pairs, minus _NOT_A_SETTING."""
+    text = row.get("hashed") or "{}"
+    if text not in cache:
         try:
-            hashed = hashed_fields(build_config([(k, v, "index") for k, v in fields if v is not None]))
-        except BipError:  # a config of another bip version: its own fields, as written
-            hashed = {k: v for k, v in fields}
-        cache[fields] = tuple(sorted((k, v) for k, v in hashed.items() if k not in _NOT_A_SETTING))
-    return cache[fields]
+            hashed = json.loads(text) if isinstance(text, str) else {}
+        except ValueError:
+            hashed = {}
+        cache[text] = tuple(sorted((k, json.dumps(v) if isinstance(v, (dict, list)) else v)
+                                   for k, v in hashed.items() if k not in _NOT_A_SETTING))
+    return cache[text]
 
 
 def _curves(rows: list[dict]) -> dict[tuple, dict]:
