@@ -20,16 +20,20 @@ ffcv: venv
 	bash .ci/install-ffcv.sh $(VENV)
 
 # The whole pipeline on digits (offline): pretrain -> bip / hydra / omp at 4 keep ratios ->
-# finetune, on this machine; then the index, the plots and the summary table.
+# finetune, on this machine; then the index, the plots and the summary table, and the report
+# (DEMO_ROOT/report/index.html, docs/report.md).
 DEMO_ROOT ?= demo-runs
 demo: venv
 	$(BIN)/python launch/grid.py configs/grids/demo.yml --local --root $(DEMO_ROOT)
 	$(BIN)/python launch/collect.py $(DEMO_ROOT) --plots
+	$(BIN)/python -m bip.report $(DEMO_ROOT)
 
-# Two pytest-xdist workers, one test file each at a time (module fixtures stay in one worker);
-# the Slurm file runs first, mostly waiting on its jobs, beside the CPU-bound files.
+# The import contracts of setup.cfg first (seconds), then two pytest-xdist workers, one test
+# file each at a time (module fixtures stay in one worker); the Slurm file runs first, mostly
+# waiting on its jobs, beside the CPU-bound files.
 TEST_WORKERS ?= 2
 test: venv
+	$(BIN)/lint-imports --config setup.cfg
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bip import identity
+from bip.config import identity
 from bip.config import load_config
 from bip.train import train
 

@@ -76,12 +76,12 @@ def recalibrated_acc(run_dir: Path) -> float:
     separates that from what the mask and weights are worth."""
     import torch
 
-    from bip import checkpoint
+    from bip.rundir import checkpoint
     from bip.config import build_config
     from bip.data import load_dataset
     from bip.data.loaders import build_loaders
     from bip.models import create_model, model_options
-    from bip.train import model_input
+    from bip.train.sources import model_input
 
     doc = json.loads((run_dir / "config.yaml").read_text())
     cfg = build_config([(f"{sec}.{key}", value, str(run_dir)) for sec, fields in doc["config"].items()

@@ -64,7 +64,7 @@ def _train(job: tuple[list[str], list[str]]) -> dict:
     """One run in a worker process (1 torch thread: the machine is shared)."""
     import torch
 
-    from bip import identity
+    from bip.config import identity
     from bip.config import load_config
     from bip.errors import BipError
     from bip.train import train
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = (args.root or Path(tempfile.mkdtemp(prefix="bip-collapse-"))).resolve()
     sys.path.insert(0, str(REPO))
-    from bip import identity
+    from bip.config import identity
     from bip.config import load_config
 
     results, finetuned, dense = {}, {}, {}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `launch` from a checkout
 
-from bip import identity  # noqa: E402
+from bip.config import identity  # noqa: E402
 from bip.config import Config  # noqa: E402
 from launch import collect  # noqa: E402
 

@@ -1,7 +1,7 @@
 """One-shot GPU check: everything a fresh GPU machine should tell us, in one table.
 
     python benchmarks/gpu_check.py [--device cuda] [--out FILE.md] [--budget 450] [--parts ...]
-    python benchmarks/gpu_check.py --device cpu --quick      # the CPU test (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py --device cpu --quick      # the CPU test (tests/benchmarks/test_gpu_check.py)
 
 benchmarks/gpu_check.sh is the thin wrapper to run on the GPU machine. Parts, in this order (the
 most important first), each in its own process with its own timeout, all within --budget
@@ -10,7 +10,7 @@ with too little budget left is skipped with a row that says so.
 
   syncs        host syncs per step of dense, finetune, hydra, bip, bip-reference (x unstructured,
                filter, channel, nm) and of the tensor loader (CUDA: torch.cuda.set_sync_debug_mode
-               counting; CPU: bip.synccheck.SyncRecorder)
+               counting; CPU: bip.testing.synccheck.SyncRecorder)
   tests        pytest -m gpu over the test files with GPU tests (those needing submitit / ffcv
                when absent are listed and skipped)
   step_cost    benchmarks/step_cost.py, CIFAR resnet18 batch 128: dense / hydra / bip /
@@ -20,7 +20,7 @@ with too little budget left is skipped with a row that says so.
   imagenet     ResNet-50 at 224 px, dense and BiP: images/s (ffcv if importable, else synthetic
                images through the tensor loader, and the table says so)
   invariance   the same 3 steps of every method in float64 on the device and on the CPU: max
-               difference; and tests/test_invariance.py when the checkout has it
+               difference; and tests/distributed/test_invariance.py when the checkout has it
   compile_*    step_cost with torch.compile (dense / hydra / bip): bf16, bf16 + channels_last,
                fp32; graphs compiled after warm-up (0 = no recompiles), compile time
 The table (markdown, device name on top) is printed last and written to --out (default:

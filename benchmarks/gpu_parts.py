@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 
 import step_cost
-from bip import masking
+from bip.pruning import masking
 from bip.config import load_config
-from bip.data import ArraySplit, DatasetSpec, load_dataset
+from bip.data.base import ArraySplit, DatasetSpec
+from bip.data import load_dataset
 from bip.data.loaders import build_loaders
-from bip.methods import create_method
+from bip.methods.registry import create_method
 from bip.models import create_model
-from bip.nonfinite import NonFiniteGuard
-from bip.speed import to_channels_last
-from bip.synccheck import SyncRecorder
+from bip.train.nonfinite import NonFiniteGuard
+from bip.train.compile import to_channels_last
+from bip.testing.synccheck import SyncRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYER_TYPES = ("unstructured", "filter", "channel", "nm")
@@ -82,7 +83,7 @@ def sync(device):
 
 class SyncCount:
     """Host syncs in a block: CUDA's own sync debug mode ("warn", counted: "error" would stop
-    at the first) on a GPU, bip.synccheck's dispatch-mode recorder on a CPU."""
+    at the first) on a GPU, bip.testing.synccheck's dispatch-mode recorder on a CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda, self.n, self.what = device.type == "cuda", 0, []
@@ -177,7 +178,7 @@ def syncs(device: torch.device, s: Sizes) -> list[dict]:
 def gpu_tests(device: torch.device, s: Sizes, timeout: float) -> list[dict]:
     """pytest -m gpu over the test files that hold GPU tests and import without submitit/ffcv."""
     files, skipped = [], []
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
         text = path.read_text()
         if "mark.gpu" not in text:
             continue
@@ -283,8 +284,8 @@ def imagenet_slice(device, s: Sizes, quick: bool) -> list[dict]:
 def ffcv_loaders(device, s: Sizes):
     """ffcv stream of synthetic JPEGs (benchmarks/loader_throughput.py), ImageNet-style crops."""
     import loader_throughput as lt
-    from bip.data.ffcv import build_ffcv_loaders
-    from bip.data.ffcv_write import source_split, write_beton
+    from bip.data.ffcv.loader import build_ffcv_loaders
+    from bip.data.ffcv.write import source_split, write_beton
     work = Path("/tmp/bip-gpu-check")
     folder = lt.make_jpegs(work / "images", s.imagenet_images, 100, (320, 240))
     beton = work / f"train-{s.imagenet_images}.beton"
@@ -331,11 +332,11 @@ def invariance(device, s: Sizes) -> list[dict]:
 
 
 def invariance_tests(device, s: Sizes, timeout: float, quick: bool = False) -> list[dict]:
-    """pytest tests/test_invariance.py (N gloo ranks vs one process); --quick only collects it:
+    """pytest tests/distributed/test_invariance.py (N gloo ranks vs one process); --quick only collects it:
     the CPU test of this script runs beside ``make test``, which runs the file itself."""
-    path = ROOT / "tests" / "test_invariance.py"
+    path = ROOT / "tests" / "distributed" / "test_invariance.py"
     if not path.is_file():
-        return [row("invariance", "tests/test_invariance.py", "not in this checkout: skipped")]
+        return [row("invariance", "tests/distributed/test_invariance.py", "not in this checkout: skipped")]
     only = ["--collect-only"] if quick else []
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *only, str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -343,7 +344,7 @@ def invariance_tests(device, s: Sizes, timeout: float, quick: bool = False) -> l
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-200:]
     if quick:
         summary += " (--quick: collected, not run)"
-    return [row("invariance", "pytest tests/test_invariance.py", summary.strip("= "), "all pass",
+    return [row("invariance", "pytest tests/distributed/test_invariance.py", summary.strip("= "), "all pass",
                 None if quick and proc.returncode == 0 else proc.returncode == 0)]
 
 

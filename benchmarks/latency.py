@@ -5,7 +5,7 @@
 
 For each layer type and k: the masked model (scores from the weights of a seeded random init,
 so the masks are per-layer top-k patterns like a pruning run's), its dense-with-zeros twin and
-its thinned form (bip.thin, checked equal first). Every round times each model once (median
+its thinned form (bip.export.thin, checked equal first). Every round times each model once (median
 over rounds; warmed up first), so load on the shared machine hits all three alike. CPU: fp32;
 CUDA: bf16 + channels_last. Prints latencies, speedup = dense / thin, the MAC reduction
 (dense MACs / thinned MACs), their ratio against the goal (speedup >= 0.8 x MAC reduction at
@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from bip import latency, masking  # noqa: E402
-from bip.export import count_params_and_macs, dense_state_dict, export_thin  # noqa: E402
+from bip.export import latency  # noqa: E402
+from bip.pruning import masking
+from bip.models.accounting import count_params_and_macs  # noqa: E402
+from bip.export.run import dense_state_dict, export_thin
 from bip.models import create_model  # noqa: E402
-from bip.thin import dense_copy  # noqa: E402
+from bip.export.thin import dense_copy  # noqa: E402
 
 GOAL = 0.8
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bip.data import IMAGENET_MEAN, IMAGENET_STD
+from bip.data.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 def make_jpegs(root: Path, n: int, classes: int, size: tuple[int, int]) -> Path:
@@ -59,7 +59,7 @@ def make_jpegs(root: Path, n: int, classes: int, size: tuple[int, int]) -> Path:
 def ffcv_epochs(folder: Path, beton: Path, args, device: torch.device) -> list[float]:
     from bip.config import load_config
     from bip.data import load_dataset
-    from bip.data.ffcv import build_ffcv_loaders
+    from bip.data.ffcv.loader import build_ffcv_loaders
     cfg = load_config([], ["data.dataset=ImageNet", f"data.data_dir={folder}", "data.loader=ffcv",
                            f"data.train_beton={beton}", f"data.val_beton={beton}",
                            f"data.image_size={args.res}", f"data.batch_size={args.batch_size}",
@@ -153,9 +153,9 @@ def main(argv=None) -> int:
         print(f"tensor       {statistics.median(r for r, _ in per_epoch[1:]):7.0f} images/s  "
               f"(epochs: {', '.join(f'{r:.0f}' for r, _ in per_epoch)}; first = warm-up)")
         return 0
-    from bip.data.ffcv import require_ffcv
+    from bip.data.ffcv.loader import require_ffcv
     require_ffcv()
-    from bip.data.ffcv_write import source_split, write_beton
+    from bip.data.ffcv.write import source_split, write_beton
 
     size = tuple(int(v) for v in args.size.split("x"))
     folder = make_jpegs(args.workdir / "images", args.images, args.classes, size)

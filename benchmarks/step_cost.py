@@ -5,11 +5,12 @@
                                    [--channels-last] [--compile [--compile-backend inductor]]
                                    [--threads N] [--json PATH]
 
-Same model, same batch, interleaved rounds (dense, hydra, bip, bip-reference, mask update, ...)
-so machine noise hits every method alike; prints medians and ratios. Goals (CIFAR resnet18):
-hydra <= 1.05x dense (GPU: 1.1x), bip <= 2.1x dense, mask update <= 2% of a (hydra) step and
+Same model, same batch, interleaved rounds (dense, hydra, bip, bip-fused, bip-reference, mask
+update, ...) so machine noise hits every method alike; prints medians and ratios. Goals (CIFAR
+resnet18): hydra <= 1.05x dense (GPU: 1.1x), bip (paper) <= 2.1x dense, bip-fused (one pass,
+bip/methods/fused.py) <= 1.15x dense, mask update <= 2% of a (hydra) step and
 <= 63 ms on the 2-core CPU machine (the sync-free global top-k over 11.2M scores).
---channels-last / --compile apply train.channels_last / train.compile (bip.speed) to every
+--channels-last / --compile apply train.channels_last / train.compile (bip.train.compile) to every
 method's model; the warm-up rounds compile each pass kind once, and the table reports how many
 graphs were compiled after them (0: no step recompiles).
 """
@@ -23,11 +24,12 @@ import time
 
 import torch
 
-from bip import masking
+from bip.pruning import masking
 from bip.config import load_config
-from bip.methods import create_method
+from bip.methods.registry import create_method
 from bip.models import create_model
-from bip.speed import CompileCounter, compile_model, to_channels_last
+from bip.testing.compile import CompileCounter
+from bip.train.compile import compile_model, to_channels_last
 
 
 def build(arch: str, method: str, device: torch.device, precision: str, layer_type: str,
@@ -42,7 +44,7 @@ def build(arch: str, method: str, device: torch.device, precision: str, layer_ty
     cfg = load_config([], overrides)
     torch.manual_seed(0)
     model = create_model(arch, 10, "dense" if stage == "pretrain" else layer_type).to(device)
-    if channels_last:   # bip.speed.prepare_model, with the benchmark's compile counter
+    if channels_last:   # bip.train.compile.prepare_model, with the benchmark's compile counter
         to_channels_last(model)
     if compiler is not None:
         compile_model(model, backend=compiler)
@@ -63,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--methods", nargs="+", default=["dense", "hydra", "bip", "bip-reference"])
+    p.add_argument("--methods", nargs="+", default=["dense", "hydra", "bip", "bip-fused", "bip-reference"])
     p.add_argument("--layer-type", default="unstructured", choices=["unstructured", "filter", "channel", "nm"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -132,6 +134,10 @@ def report(r: dict) -> str:
         ratio = f"{r['x_dense'][name]:.2f}" if r["x_dense"] else "-"
         lines.append(f"| {name} | {ms:.1f} | {ratio} |")
     lines.append(f"mask update = {r['mask_update_pct_of_hydra']:.1f}% of a hydra step")
+    ms = r["ms"]
+    for other in ("bip", "bip-reference"):
+        if "bip-fused" in ms and other in ms:
+            lines.append(f"bip-fused step: {ms[other] / ms['bip-fused']:.2f}x faster than {other}")
     if r["compile"]:
         lines.append(f"graphs compiled: {r['graphs_warmup']} in warm-up, {r['graphs_after_warmup']} after")
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """Rebuild ``ROOT/index.csv`` from the run folders alone: one row per run, with its status.
 
 Jobs never append to a shared file; this scan can be re-run at any time and gives a
-byte-identical CSV for the same folders. ``python launch/collect.py ROOT [--plots] [--out DIR]``;
+byte-identical CSV for the same folders. ``python launch/collect.py ROOT [--plots] [--out DIR]
+[--report]`` (--report: then ``python -m bip.report ROOT``, docs/report.md);
 ``collect(root)`` is the library entry point (the launcher's ``--wait`` and the demo call it).
 
-``status`` is launch/state.py's, the same function ``grid.py --status`` and ``--wait`` use:
+``status`` is launch/status.py's, the same function ``grid.py --status`` and ``--wait`` use:
 the run folder (files + lease) and, when sacct is available, the Slurm state of the job that
 any grid manifest under ROOT records for the run. A corrupt run (damaged result.json,
 final.pt or config.yaml) gets a row with the path, whatever its files still give, and a
@@ -26,20 +27,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/collect.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bip.atomic import write_bytes as write_atomic  # noqa: E402
+from bip.rundir.atomic import write_bytes as write_atomic  # noqa: E402
 from bip.config import SECTIONS, OneLineParser  # noqa: E402
+from bip.config.schema import method_label  # noqa: E402
 from bip.errors import BipError  # noqa: E402
-from bip.identity import METRICS  # noqa: E402
-from bip.runfolder import inspect  # noqa: E402
+from bip.config import identity  # noqa: E402
+from bip.config.identity import METRICS  # noqa: E402
+from bip.rundir.folder import inspect  # noqa: E402
 from launch import plots as plotting  # noqa: E402
-from launch import state as run_state  # noqa: E402
+from launch import manifest as manifests, slurm as slurm_acct, status as run_status  # noqa: E402
 
 INDEX, SUMMARY = "index.csv", "summary.md"
 # From RUN/export.json (python -m bip.export, or a grid's export stage), when there is one.
-EXPORT, EXPORT_COLUMNS = "export.json", (
+EXPORT_COLUMNS = (
     "params_thin", "macs_thin", "latency_ms", "latency_ms_dense", "speedup", "latency_batch",
     "latency_device")
-STATUSES = run_state.STATES
+STATUSES = run_status.STATES
 # bip/compute.py: this run's training passes, FLOPs and seconds, and its lineage's.
 COMPUTE_COLUMNS = ("train_passes", "train_forward_passes", "train_backward_passes", "train_flops",
                    "wall_time_s", "lineage_train_passes", "lineage_train_flops", "lineage_wall_time_s")
@@ -49,7 +52,7 @@ COLUMNS = (
     "kept_fraction", "params_dense", "params_effective", "macs_dense", "macs_effective",
     *EXPORT_COLUMNS, "collapsed", "imp_round", "epochs", *COMPUTE_COLUMNS, "device", "world_size",
     "global_batch_size", "git_sha", "git_dirty",
-    "slurm_job_id", "host", "started", "code_changed", "error", "path",
+    "slurm_job_id", "host", "started", "code_changed", "error", "path", "hashed",
 )
 _FROM_PROVENANCE = ("git_sha", "git_dirty", "slurm_job_id", "host", "started", "device")
 _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction is nested)
@@ -58,7 +61,6 @@ _FROM_RESULT = (  # result.json keys that are columns as they are (kept_fraction
     "params_dense", "params_effective", "macs_dense", "macs_effective", "collapsed", "imp_round", "epochs",
     *COMPUTE_COLUMNS, "device", "world_size", "global_batch_size",
 )
-_CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
 _STAGE_ORDER = {"pretrain": 0, "prune": 1, "finetune": 2}
 
 
@@ -135,10 +137,10 @@ def read_run(root: Path, rel: str, found) -> dict:
 
 
 def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
-    """status (and error) of every row: launch.state.combine over folder, lease, Slurm, parent."""
-    jobs = run_state.all_jobs(root)
+    """status (and error) of every row: launch.status.combine over folder, lease, Slurm, parent."""
+    jobs = manifests.all_jobs(root)
     wanted = [jobs[rel]["job_id"] for rel, f in found.items() if f.state != "done" and rel in jobs]
-    sacct = run_state.job_states(wanted) if slurm and wanted else {}
+    sacct = slurm_acct.job_states(wanted) if slurm and wanted else {}
     by_path = {row["path"]: row for row in rows}
     decided: dict[str, str] = {}
 
@@ -151,7 +153,7 @@ def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
         if parent_rel in by_path and parent_rel not in seen:
             parent = decide(parent_rel, seen | {rel})
         job = jobs.get(rel, {}).get("job_id")
-        status, detail = run_state.combine(found[rel], sacct.get(job, "") if job else "", parent, job)
+        status, detail = run_status.combine(found[rel], sacct.get(job, "") if job else "", parent, job)
         row["status"] = status
         if status in ("failed", "corrupt", "blocked"):
             row["error"] = detail
@@ -167,7 +169,7 @@ def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
 def _export_fields(folder: str) -> dict:
     """The export columns; an unreadable export.json leaves them empty (the run is still done)."""
     try:
-        doc = json.loads(Path(folder, EXPORT).read_bytes())
+        doc = json.loads(Path(folder, identity.EXPORT).read_bytes())
         fields = {"params_thin": (doc.get("params") or {}).get("thin"),
                   "macs_thin": (doc.get("macs") or {}).get("thin")}
     except (OSError, ValueError, AttributeError):
@@ -183,8 +185,9 @@ def _config_fields(doc: dict) -> dict:
     stage = flat.get("run.stage")
     fields = {
         "run_id": doc["run_id"], "parent_id": doc["parent_id"] or "", "stage": stage,
-        # A pretrain config still carries prune.method's default; a finetune's is its mask's method.
-        "method": "dense" if stage == "pretrain" else flat.get("prune.method"),
+        # The fields the run id hashes, as config.yaml records them (JSON): what plots key on.
+        "hashed": json.dumps(doc["hashed"], sort_keys=True) if isinstance(doc.get("hashed"), dict) else "",
+        "method": method_label(stage, flat.get("prune.method")),
         "dataset": flat.get("data.dataset"), "arch": flat.get("model.arch"),
         "layer_type": flat.get("prune.layer_type"), "k": flat.get("prune.k"),
         "seed": flat.get("run.seed"),
@@ -255,9 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", action="store_true",
                         help="also write ROOT/summary.md and one PNG per dataset/arch/layer type")
     parser.add_argument("--out", type=Path, help="folder for the PNGs (default: ROOT/plots)")
+    parser.add_argument("--report", action="store_true",
+                        help="then write ROOT/report/ (index.html, report.md, tables.tex: python -m bip.report)")
     try:
         args = parser.parse_args(argv)
         index, rows = _collect(args.root, args.plots, args.out)
+        if args.report:  # imported here: the index alone needs no jinja2/scipy
+            from bip.report import report
+            report_path = report(args.root)
     except (BipError, OSError) as err:  # OSError: e.g. ROOT is read-only
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -267,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = {status: sum(row["status"] == status for row in rows) for status in STATUSES}
     print(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
     print(index, flush=True)
+    if args.report:
+        print(report_path, flush=True)
     return 0
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python launch/grid.py`: make `launch` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bip import catalogue  # noqa: E402
+from bip.config import names  # noqa: E402
 from bip.config import OneLineParser  # noqa: E402
 from bip.errors import BipError  # noqa: E402
-from bip.names import check_root  # noqa: E402
-from launch import profiles, snapshot, state, submit, sweep  # noqa: E402
+from bip.config.names import check_root  # noqa: E402
+from launch import manifest as manifests, profiles, snapshot, submit, sweep  # noqa: E402
+from launch import status as run_status  # noqa: E402
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -63,16 +64,16 @@ def run(args: argparse.Namespace) -> int:
     resources = stage_resources(plan, args.profile, executor)
     if not args.status:
         check_names(plan)  # a dry run validates every cell as a submission would
-    manifest = state.read_manifest(plan)
+    manifest = manifests.read_manifest(plan)
     # Jobs of EVERY grid under the root: a run another grid queued is live for this one too.
-    jobs = state.all_jobs(plan.root)
-    states = state.run_states(plan, slurm=shutil.which("sacct") is not None, jobs=jobs)
+    jobs = manifests.all_jobs(plan.root)
+    states = run_status.run_states(plan, slurm=shutil.which("sacct") is not None, jobs=jobs)
     if args.status:
         print_status(plan, states)
         return 0
     check_root("root", plan.root)  # writable: every run folder goes under it
-    runs, stale = state.select(plan, states, args.only_failed)
-    live = {key: jobs[key]["job_id"] for key, (s, _) in states.items() if s in state.LIVE and key in jobs}
+    runs, stale = run_status.select(plan, states, args.only_failed)
+    live = {key: jobs[key]["job_id"] for key, (s, _) in states.items() if s in run_status.LIVE and key in jobs}
     runs, held = hold_back(plan, runs, states, live)
     print_plan(plan, states, runs, resources, executor, live)
     for run_, parent in held[:5]:
@@ -89,16 +90,16 @@ def run(args: argparse.Namespace) -> int:
     if executor == "slurm" and shutil.which("sbatch") is None:
         raise BipError("sbatch not found: this is not a Slurm login node (use --local or --debug)")
     for run_ in stale:
-        moved = state.supersede(plan.dir(run_))
+        moved = run_status.supersede(plan.dir(run_))
         print(f"redo {run_.key}: its parent is redone; old outputs moved to {moved}")
     code = snapshot.take(plan.root) if executor != "debug" else {"id": None, **snapshot.git_state()}
     submission = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "at": time.time(), "executor": executor,
                   "profile": args.profile or plan.profile, "runs": len(runs), "only_failed": args.only_failed,
                   "code": {k: code.get(k) for k in ("id", "git_sha", "git_dirty", "path")}}
-    state.write_configs(plan, runs, submission)
+    manifests.write_configs(plan, runs, submission)
     if executor == "slurm":
         return submit_to_slurm(plan, manifest, runs, resources, submission, live, code, args)
-    state.record(plan, manifest, submission, {run_.key: None for run_ in runs})
+    manifests.record(plan, manifest, submission, {run_.key: None for run_ in runs})
     if executor == "local":
         workers, threads = submit.local_jobs(resources)
         submit.run_local(plan, runs, resources, args.jobs or workers, threads, code)
@@ -114,7 +115,7 @@ def hold_back(plan, runs, states, live) -> tuple[list, list]:
     for run in runs:  # stage order: parents first
         if run.parent in held:
             held[run.key] = held[run.parent]
-        elif run.parent and states[run.parent][0] in state.LIVE and run.parent not in live:
+        elif run.parent and states[run.parent][0] in run_status.LIVE and run.parent not in live:
             held[run.key] = run.parent
     return [r for r in runs if r.key not in held], [(r, held[r.key]) for r in runs if r.key in held]
 
@@ -129,7 +130,7 @@ def submit_to_slurm(plan, manifest, runs, resources, submission, live, code, arg
         os.environ.clear()
         os.environ.update(saved)
     submission["arrays"] = arrays
-    path = state.record(plan, manifest, submission, job_ids)
+    path = manifests.record(plan, manifest, submission, job_ids)
     for array in arrays:
         after = f", {array['dependency']}" if array["dependency"] else ""
         print(f"submitted {array['stage']}: job {array['job_id']} ({array['tasks']} run(s){after})")
@@ -147,14 +148,10 @@ def finish(plan: sweep.Plan, wait: bool) -> int:
     """After the runs ended: status summary, results index, exit status."""
     if not wait:
         return 0
-    states = state.run_states(plan, slurm=shutil.which("sacct") is not None)
+    states = run_status.run_states(plan, slurm=shutil.which("sacct") is not None)
     print_status(plan, states)
-    try:
-        from launch.collect import collect
-    except ImportError:
-        collect = None
-    if collect is not None:
-        print(f"index: {collect(plan.root)}")
+    from launch.collect import collect
+    print(f"index: {collect(plan.root)}")
     bad = [key for key, (s, _) in states.items() if s in ("failed", "blocked", "corrupt")]
     return 1 if bad else 0
 
@@ -173,11 +170,16 @@ def stage_resources(plan: sweep.Plan, profile: str | None, executor: str) -> dic
 
 
 def check_names(plan: sweep.Plan) -> None:
-    """Unknown arch or dataset names fail here, not in a thousand jobs (bip.catalogue: no torch)."""
+    """Unknown arch or dataset names fail here, not in a thousand jobs. Built-in names are
+    checked against bip.config.names (no torch import); only a zoo arch (tv:, timm:) asks
+    bip.models, which imports torch and the zoo."""
     for arch, dataset in sorted({(r.cfg.model.arch, r.cfg.data.dataset) for r in plan.all_runs()}):
         try:
-            catalogue.check_arch(arch)
-            catalogue.check_dataset(dataset)
+            names.check_arch(arch)
+            names.check_dataset(dataset)
+            if arch.startswith(names.ZOO_PREFIXES):
+                from bip.models import model_builder
+                model_builder(arch)
         except BipError as err:
             raise BipError(f"grid {plan.name}: {err}") from None
 
@@ -200,10 +202,10 @@ def print_plan(plan, states, runs, resources, executor, live) -> None:
 
 def print_status(plan: sweep.Plan, states: dict, limit: int = 20) -> None:
     print(f"grid {plan.name}: {len(plan.all_runs())} runs under {plan.root}")
-    print(f"{'stage':9s} " + " ".join(f"{s:>7s}" for s in state.STATES))
+    print(f"{'stage':9s} " + " ".join(f"{s:>7s}" for s in run_status.STATES))
     for stage, stage_runs in plan.runs.items():
         got = [states[run.key][0] for run in stage_runs]
-        print(f"{stage:9s} " + " ".join(f"{got.count(s):7d}" for s in state.STATES))
+        print(f"{stage:9s} " + " ".join(f"{got.count(s):7d}" for s in run_status.STATES))
     for kind in ("failed", "corrupt", "blocked"):
         rows = [run for run in plan.all_runs() if states[run.key][0] == kind]
         if rows:
@@ -212,7 +214,7 @@ def print_status(plan: sweep.Plan, states: dict, limit: int = 20) -> None:
             print(f"  {run.key}  [{run.label}]  {states[run.key][1]}")
         if len(rows) > limit:
             print(f"  ... and {len(rows) - limit} more")
-    changed = state.code_changes(plan)
+    changed = run_status.code_changes(plan)
     if changed:
         print("resumed under other code than they started with:")
     for key, shas in changed[:limit]:

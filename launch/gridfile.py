@@ -35,7 +35,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from bip.config import FLAT_KEYS, METHODS, valid_keys
+from bip.config import METHODS, valid_keys
+from bip.config.schema import FLAT_KEYS
 from bip.errors import BipError
 
 STAGES = ("pretrain", "prune", "finetune")

@@ -3,7 +3,7 @@
 Preemption, requeue and timeout (a ``submitit.helpers.Checkpointable``):
 
 - SIGTERM (``scontrol requeue``, preemption, ``scancel``) and SIGUSR2 (submitit's
-  ``--signal``, sent before the time limit) only set a flag (bip.runfolder.request_stop). The
+  ``--signal``, sent before the time limit) only set a flag (bip.rundir.boundary.request_stop). The
   loop checkpoints at its next step boundary (all ranks agree on the step) and stops.
 - After a USR2, submitit's own handler then runs: it tells a timeout from a preemption, counts
   timeouts against ``max_requeues`` (submitit's ``max_num_timeout``; preemptions never count),
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import submitit
 
-from bip import runfolder
+from bip.rundir import boundary
+from bip.rundir import folder as runfolder
 from bip.config import Config, build_config
 from bip.errors import BipError
 
@@ -66,7 +67,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             except runfolder.LeaseHeld as err:  # a duplicate job: let the owner finish
                 print(f"waiting: {err}", file=sys.stderr, flush=True)
                 _sleep_unless_stopped(WAIT_POLL_S)
-            except runfolder.Interrupted:
+            except boundary.Interrupted:
                 _stop(submitit_usr2, rank)
             except BipError as err:
                 if rank == 0 and runfolder.record_setup_error(Path(run_dir), err):
@@ -92,9 +93,7 @@ def _take_signals():
     handler (or None). In-process (debug) runs keep the caller's handlers."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return None
-    previous = signal.getsignal(signal.SIGUSR2)
-    for signum in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(signum, lambda num, _frame: runfolder.request_stop(signal.Signals(num).name))
+    previous = boundary.install_stop_signals(signal.SIGTERM, signal.SIGUSR2)[signal.SIGUSR2]
     return previous if callable(previous) else None
 
 
@@ -102,12 +101,12 @@ def _stop(submitit_usr2, rank: int) -> None:
     """After the loop saved the checkpoint of a stop request: requeue (USR2: through submitit's
     handler, which counts timeouts) or let Slurm end the job (SIGTERM). Does not return."""
     deadline = time.time() + 20  # a USR2 may follow the SIGTERM of a simulated preemption
-    while submitit_usr2 and "SIGUSR2" not in runfolder.stop_signals() and time.time() < deadline:
+    while submitit_usr2 and "SIGUSR2" not in boundary.stop_signals() and time.time() < deadline:
         time.sleep(0.2)
-    if "SIGUSR2" in runfolder.stop_signals() and submitit_usr2 is not None:
+    if "SIGUSR2" in boundary.stop_signals() and submitit_usr2 is not None:
         submitit_usr2(signal.SIGUSR2, None)  # rank 0: requeues and exits; others return
         time.sleep(120)  # the requeue ends this task
-    print(f"stopped by {', '.join(runfolder.stop_signals())} after a checkpoint; exiting",
+    print(f"stopped by {', '.join(boundary.stop_signals())} after a checkpoint; exiting",
           file=sys.stderr, flush=True)
     sys.exit(128 + signal.SIGTERM)
 
@@ -128,7 +127,7 @@ def _wait_for_parent(parent: Path, stale_min: float) -> None:
 def _sleep_unless_stopped(seconds: float) -> None:
     end = time.time() + seconds
     while time.time() < end:
-        if runfolder.stop_reason():
+        if boundary.stop_reason():
             print("stopped while waiting; exiting", file=sys.stderr, flush=True)
             sys.exit(128 + signal.SIGTERM)
         time.sleep(0.5)

@@ -15,6 +15,7 @@ of a point: std is the sample std (n - 1), 0 for a single point.
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import statistics
@@ -26,6 +27,7 @@ if __package__ in (None, ""):  # run as `python launch/plots.py`: make `bip` imp
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bip.errors import BipError  # noqa: E402
+from bip.report import style  # noqa: E402  (the one palette: the same colour per method everywhere)
 
 # Sparsity ticks (percent) the x axis may label; -log10(k) spreads 20 % ... 99.9 % evenly.
 _TICKS = (0, 20, 50, 70, 80, 90, 95, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99)
@@ -37,20 +39,17 @@ _NOT_A_SETTING = {"prune.k", "run.parent", "run.source_sha256", "run.stage", "da
 
 
 def _setting(row: dict, cache: dict) -> tuple:
-    """The result-affecting settings of a run (bip.identity.hashed_fields of its config: the
-    fields that differ from their defaults and that its stage and method read) as sorted pairs,
-    minus _NOT_A_SETTING."""
-    from bip.identity import _NOT_HASHED
-    fields = tuple(sorted((k, v) for k, v in row.items() if "." in k and k not in _NOT_HASHED))
-    if fields not in cache:
-        from bip.config import build_config
-        from bip.identity import hashed_fields
+    """The result-affecting settings of a run: the fields its run id hashes (the index's
+    ``hashed`` column, from config.yaml) as sorted pairs, minus _NOT_A_SETTING."""
+    text = row.get("hashed") or "{}"
+    if text not in cache:
         try:
-            hashed = hashed_fields(build_config([(k, v, "index") for k, v in fields if v is not None]))
-        except BipError:  # a config of another bip version: its own fields, as written
-            hashed = {k: v for k, v in fields}
-        cache[fields] = tuple(sorted((k, v) for k, v in hashed.items() if k not in _NOT_A_SETTING))
-    return cache[fields]
+            hashed = json.loads(text) if isinstance(text, str) else {}
+        except ValueError:
+            hashed = {}
+        cache[text] = tuple(sorted((k, json.dumps(v) if isinstance(v, (dict, list)) else v)
+                                   for k, v in hashed.items() if k not in _NOT_A_SETTING))
+    return cache[text]
 
 
 def _curves(rows: list[dict]) -> dict[tuple, dict]:
@@ -133,11 +132,11 @@ def _labels(curves: dict[tuple, dict]) -> dict[tuple, str]:
 
 
 def _unused_fields(row: dict | None) -> set[str]:
-    """The config fields a run's stage and method do not read (bip.identity), {} if unknown."""
+    """The config fields a run's stage and method do not read (bip.config.identity), {} if unknown."""
     if row is None:
         return set()
     from bip.config import build_config
-    from bip.identity import _NOT_HASHED, _unused
+    from bip.config.identity import _NOT_HASHED, _unused
     try:
         return _unused(build_config([(k, v, "index") for k, v in row.items()
                                      if "." in k and k not in _NOT_HASHED and v is not None]))
@@ -254,10 +253,10 @@ def render_panels(entries: list[dict]) -> dict[str, bytes]:
 
 
 def _mark_collapsed(ax, entries: list[dict], x) -> None:
-    """A red cross over every point where some seed's network ended disconnected."""
+    """A black cross over every point where some seed's network ended disconnected."""
     hit = [e for e in entries if e.get("collapsed")]
     if hit:
-        ax.scatter([x(e) for e in hit], [e["test_acc_mean"] for e in hit], marker="x", s=70, c="red",
+        ax.scatter([x(e) for e in hit], [e["test_acc_mean"] for e in hit], marker="x", s=70, c=style.COLLAPSED_COLOR,
                    zorder=5, label="collapsed (some seed disconnected)")
 
 
@@ -291,14 +290,15 @@ def render_compute(entries: list[dict]) -> dict[str, bytes]:
             # of one curve may share their compute, and each is labelled with its k.
             line = "-" if len(xs) > 1 and all(a < b for a, b in zip(xs, xs[1:])) else "none"
             ax.errorbar(xs, [e["test_acc_mean"] for e in group], yerr=[e["test_acc_std"] for e in group],
-                        marker="s" if curve == "dense" else "o", ms=4, capsize=3, ls=line, label=curve)
+                        marker=style.marker(curve), color=style.color(curve), ms=4, capsize=3, ls=line,
+                        label=curve)
             for e in group:
                 if curve != "dense":
                     ax.annotate(f"{e['k']:g}", (e["lineage_train_passes_mean"], e["test_acc_mean"]),
                                 xytext=(4, 2), textcoords="offset points", fontsize=6, color="0.3")
         _mark_collapsed(ax, points, lambda e: e["lineage_train_passes_mean"])
-        ax.set_xscale("log")
-        ax.set_xlabel("training passes over examples, whole lineage (pretrain + prune + finetune)")
+        style.log_axis(ax, "x")  # minor-tick labels of a short log span collided
+        ax.set_xlabel("training passes of one example, whole lineage (pretrain + prune + finetune; log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(" / ".join(map(str, panel)) + ": accuracy vs compute")
         ax.grid(alpha=0.3, which="both")
@@ -336,7 +336,7 @@ def _typed(text: str):
 def main(argv: list[str] | None = None) -> int:
     """``python launch/plots.py INDEX.csv [--out DIR]``: the accuracy-vs-sparsity panels and,
     where the index has compute columns, the accuracy-vs-compute plots of any index."""
-    from bip.atomic import write_bytes
+    from bip.rundir.atomic import write_bytes
     from bip.config import OneLineParser
     parser = OneLineParser(prog="plots.py", description=main.__doc__.split("\n")[0])
     parser.add_argument("index", type=Path, help="an index.csv (launch/collect.py)")
@@ -369,7 +369,8 @@ def _draw(ax, panel: tuple, curves: list[dict], dense: list[dict]) -> None:
     for method, points in sorted(by_curve.items()):
         points.sort(key=lambda e: -e["k"])
         ax.errorbar([-math.log10(e["k"]) for e in points], [e["test_acc_mean"] for e in points],
-                    yerr=[e["test_acc_std"] for e in points], marker="o", ms=4, capsize=3, label=method)
+                    yerr=[e["test_acc_std"] for e in points], marker=style.marker(method), color=style.color(method),
+                    ms=4, capsize=3, label=method)
     _mark_collapsed(ax, curves, lambda e: -math.log10(e["k"]))
     xs = [-math.log10(e["k"]) for e in curves]
     ticks = [t for t in _TICKS if min(xs) - 0.05 <= -math.log10(1 - t / 100) <= max(xs) + 0.05]

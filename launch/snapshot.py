@@ -3,7 +3,7 @@
 ``take(root)`` copies ``bip/`` and ``launch/`` of this checkout into ``<root>/_code/<id>/``,
 where ``id`` is a hash of every file's path and content (one copy per distinct code state,
 shared by all grids under the root; a few hundred KB each). The copy holds ``CODE.json``
-(id, git sha, dirty flag), which bip.provenance reports instead of asking git. Jobs import
+(id, git sha, dirty flag), which bip.rundir.provenance reports instead of asking git. Jobs import
 from it: its path goes first on PYTHONPATH, and ``python -P`` keeps the job's working directory
 (which may be the checkout) off sys.path. A ``git pull`` or an edit after submission therefore
 changes nothing for queued or requeued jobs.
@@ -14,14 +14,14 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bip.rundir.origin import CODE_FILE, git_state
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bip", "launch")
-CODE_FILE = "CODE.json"  # the name bip.provenance reads
 
 
 def _files(repo: Path) -> list[Path]:
@@ -33,23 +33,6 @@ def _files(repo: Path) -> list[Path]:
     return sorted(out)
 
 
-def git_state(repo: Path = REPO) -> dict:
-    """Commit and dirty flag of ``repo`` (fixed git arguments only); a snapshot's own CODE.json."""
-    try:
-        code = json.loads((repo / CODE_FILE).read_text())
-        return {"git_sha": code.get("git_sha"), "git_dirty": code.get("git_dirty")}
-    except (OSError, ValueError):
-        pass
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
-    try:
-        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
-
-
 def take(root: Path, repo: Path = REPO) -> dict:
     """Snapshot the code under ``root/_code``; returns {id, path, git_sha, git_dirty}."""
     files = _files(repo)
@@ -57,7 +40,8 @@ def take(root: Path, repo: Path = REPO) -> dict:
     for path in files:
         digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
     code_id = digest.hexdigest()[:12]
-    info = {"id": code_id, **git_state(repo)}
+    state = git_state(repo)
+    info = {"id": code_id, "git_sha": state["git_sha"], "git_dirty": state["git_dirty"]}
     target = Path(root) / "_code" / code_id
     if not (target / CODE_FILE).is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,10 @@ from typing import Callable
 
 from launch import profiles, snapshot
 from launch.job import TrainJob
-from launch.state import ACTIVE, error_line, job_states
+from launch.slurm import ACTIVE, job_states
+from launch.status import error_line
 from launch.sweep import Plan, Run
-from bip.runfolder import inspect
+from bip.rundir.folder import inspect
 
 Log = Callable[[str], None]
 MAX_ARRAYS = 64  # arrays (sbatch calls, before MaxArraySize splits) per stage

@@ -8,7 +8,7 @@ owns (run.stage, run.parent, run.result_dir, train.world_size). A finetune copie
 that describe its mask (MASK_FIELDS) from its prune run; a child must share its parent's
 dataset, arch and seed. Each stage's train.world_size is its profile's nodes x tasks_per_node
 (after the grid's resources), so a run trained by N processes has the id of its global batch
-(bip.identity) wherever it is built.
+(bip.config.identity) wherever it is built.
 """
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bip import identity, imp
-from bip.config import FLAT_KEYS, Config, build_config, flatten_yaml, read_yaml
+from bip.config import identity
+from bip.methods import imp_levels as imp
+from bip.config import Config, build_config, read_yaml
+from bip.config.load import flatten_yaml
+from bip.config.schema import FLAT_KEYS
 from bip.errors import BipError
 
 # What a finetune inherits from its prune run: the method that made the mask and the mask's
 # shape rules (its N:M group size is what an export reads from the finetune's own meta).
 MASK_FIELDS = ("method", "layer_type", "k", "n", "m", "scope", "min_layer_keep", "skip")
-from bip.names import check_name, check_root
+from bip.config.names import check_name, check_root
 from launch import profiles
 from launch.gridfile import (GRID_KEYS, LINEAGE, SHORT, STAGES, axes_of, check_keys, dotted_key,
                              export_of, label, mapping, stages_of)

@@ -20,16 +20,16 @@ def main() -> int:
     os.dup2(2, 1)  # stray output between runs must not reach the protocol pipe
     import torch
 
-    from bip import runfolder
+    from bip.rundir import boundary
     from launch.job import TrainJob
     torch.set_num_threads(threads)
-    signal.signal(signal.SIGTERM, lambda num, _frame: runfolder.request_stop("SIGTERM"))
+    boundary.install_stop_signals(signal.SIGTERM)
     for line in sys.stdin:
         task = json.loads(line)
         ok = _run(TrainJob(), task)
         protocol.write(json.dumps({"run_dir": task["run_dir"], "ok": ok}) + "\n")
         protocol.flush()
-        if runfolder.stop_reason():
+        if boundary.stop_reason():
             return 0
     return 0
 

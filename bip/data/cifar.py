@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bip.data import ArraySplit, DatasetSpec, register_dataset
+from bip.data.base import ArraySplit, DatasetSpec
+from bip.data import register_dataset
 from bip.errors import BipError
 
 _LAYOUT = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bip.data import ArraySplit, DatasetSpec, register_dataset
+from bip.data.base import ArraySplit, DatasetSpec
+from bip.data import register_dataset
 from bip.errors import BipError
 
 TEST_FRACTION = 0.2

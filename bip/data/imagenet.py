@@ -18,7 +18,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bip.data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, register_dataset
+from bip.data.base import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
+from bip.data import register_dataset
 from bip.errors import BipError
 
 

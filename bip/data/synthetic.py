@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bip.data import ArraySplit, DatasetSpec, register_dataset
+from bip.data.base import ArraySplit, DatasetSpec
+from bip.data import register_dataset
 
 
 def make_split(n: int, num_classes: int, seed: int, size: int = 32) -> ArraySplit:

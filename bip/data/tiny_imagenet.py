@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bip.data import IMAGENET_MEAN, IMAGENET_STD, ArraySplit, DatasetSpec, register_dataset
+from bip.data.base import IMAGENET_MEAN, IMAGENET_STD, ArraySplit, DatasetSpec
+from bip.data import register_dataset
 from bip.errors import BipError
 
 FOLDER = "tiny-imagenet-200"

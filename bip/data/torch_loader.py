@@ -18,10 +18,9 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bip.data import ArraySplit, DatasetSpec
-from bip.data.loaders import Batch, Loaders
-from bip.data.plan import (check_start, cpu_budget, epoch_generator, shard, split_workers,
-                           stream_seed, steps_per_epoch)
+from bip.data.base import ArraySplit, Batch, DatasetSpec, Loaders
+from bip.data.plan import (check_start, cpu_budget, epoch_generator, shard, split_workers, stream_seed,
+                           steps_per_epoch)
 
 SEED_RANGE = 2**62
 

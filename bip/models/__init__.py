@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch.nn as nn
 
-from bip import catalogue
+from bip.config import names
 from bip.errors import BipError
-from bip.layers import LayerFactory
+from bip.pruning.layers import LayerFactory
 
 Builder = Callable[[int, LayerFactory], nn.Module]
 MODELS: dict[str, Builder] = {}
@@ -23,7 +23,7 @@ MODELS: dict[str, Builder] = {}
 def register_model(fn: Builder) -> Builder:
     if fn.__name__ in MODELS:
         raise ValueError(f"model {fn.__name__!r} registered twice")
-    catalogue.listed("model", fn.__name__)
+    names.listed("model", fn.__name__)
     MODELS[fn.__name__] = fn
     return fn
 

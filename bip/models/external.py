@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bip.config.names import ZOO_PREFIXES
 from bip.errors import BipError
-
-PREFIXES = ("tv:", "timm:")
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class InputSpec:
 
 
 def is_external(arch: str) -> bool:
-    return arch.startswith(PREFIXES)
+    return arch.startswith(ZOO_PREFIXES)
 
 
 def _split(arch: str) -> tuple[str, str]:
@@ -68,7 +67,7 @@ def check_name(arch: str) -> None:
         if not timm.is_model(name.split(".")[0]):
             raise BipError(f"unknown timm model {name!r} (arch {arch!r}); see timm.list_models()")
     else:
-        raise BipError(f"unknown model source in {arch!r}; use one of: {', '.join(PREFIXES)}")
+        raise BipError(f"unknown model source in {arch!r}; use one of: {', '.join(ZOO_PREFIXES)}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bip.layers import LayerFactory
+from bip.pruning.layers import LayerFactory
 from bip.models import register_model
 
 

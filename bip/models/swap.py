@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from bip.errors import BipError
-from bip.layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from bip.pruning.layers import MaskedConv2d, MaskedLayer, MaskedLinear
 
 SKIPS = ("first_conv", "classifier", "depthwise", "patch_embed")
 # Ops whose tensor operands act as weights: a parameter reaching one of them unmasked is uncovered.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bip.layers import LayerFactory
+from bip.pruning.layers import LayerFactory
 from bip.models import register_model
 
 # Output channels of each 3x3 conv; "M" is a 2x2 max-pool.

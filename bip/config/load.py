@@ -1,0 +1,69 @@
+"""Loading a Config: YAML files (in order), then seed-README flags, then ``section.key=value``.
+
+Precedence is defaults < YAML files < command line. YAML may use the original BiP repository's
+flat keys (``arch: resnet20s``) or our sections (``optim: {lr: 0.1}``); bip.config.schema
+coerces every value to its field's type and names the closest keys for an unknown one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from bip.config.schema import SECTIONS, Config, build_config
+from bip.errors import BipError
+
+
+def flatten_yaml(data: Any, origin: str) -> list[tuple[str, Any, str]]:
+    """YAML mapping -> (dotted key, value, origin) in file order; nested sections allowed."""
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise BipError(f"{origin}: expected a mapping of keys to values, got {type(data).__name__}")
+    out = []
+    for key, value in data.items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, dict):
+            out += [(f"{key}.{sub}", v, origin) for sub, v in value.items()]
+        else:
+            out.append((key, value, origin))
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise BipError(f"config file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise BipError(f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise BipError(f"{path}: not UTF-8 text (byte {err.start}); a YAML file is expected") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise BipError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def load_config(yaml_files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
+                flags: dict[str, Any] | None = None) -> Config:
+    """YAML files, then seed-style ``flags`` (flat keys), then ``section.key=value`` strings.
+    train.world_size starts from the environment's WORLD_SIZE (torchrun, accelerate launch), so
+    a run started under torchrun gets the identity of its process count."""
+    items: list[tuple[str, Any, str]] = [("train.world_size", os.environ.get("WORLD_SIZE") or 1,
+                                          "environment (WORLD_SIZE)")]
+    for path in yaml_files:
+        items += flatten_yaml(read_yaml(path), str(path))
+    items += [(key, value, "flag") for key, value in (flags or {}).items()]
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise BipError(f"expected section.key=value, got {text!r}")
+        # Kept as text: _coerce converts it to the field's type ("no" stays a string).
+        items.append((key.strip(), value.strip(), "cli"))
+    return build_config(items)

@@ -1,0 +1,33 @@
+"""HYDRA (Sehwag et al. 2020): scores train by SGD, the weights stay frozen, the mask is the
+top-k of |scores| after every step."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from bip.config import Config
+from bip.methods.base import Method, bn_parameters
+from bip.methods.optim import make_optimizer
+from bip.pruning import masking
+
+
+class Hydra(Method):
+    """HYDRA: scores (and BN affine, prune.train_bn) train by SGD; weights stay frozen."""
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__(cfg, model)
+        masking.init_scores(model, cfg.prune.score_init)
+        masking.refresh_masks(model, cfg.prune.k)
+        trained = {id(p) for p in masking.score_parameters(model)}
+        if cfg.prune.train_bn:
+            trained |= {id(p) for p in bn_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+        o = cfg.optim
+        self.opt = make_optimizer(o.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                  o.lr, o.momentum, o.wd, o.nesterov)
+        self.optimizers = {"scores": self.opt}
+
+    def step(self, batches, progress):
+        stats = self._sgd_step(self.opt, batches[0], self._lr(progress))
+        masking.refresh_masks(self.core, self.cfg.prune.k)
+        return stats
