@@ -11,7 +11,6 @@ v1 fixture written by that code.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +139,3 @@ def seed_checkpoint(cfg: Config) -> dict:
                        "run.resume_foreign=true resumes it anyway")
     check_checkpoint(got, cfg, path)
     return ckpt
-
-
-def replace(state: TrainState, **changes) -> TrainState:
-    return dataclasses.replace(state, **changes)
