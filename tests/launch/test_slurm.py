@@ -254,7 +254,7 @@ def test_queued_jobs_run_the_code_they_were_submitted_with(tmp_path):
                            str(root), "--hold"], capture_output=True, text=True, timeout=300, env=env,
                           cwd=checkout)
     assert held.returncode == 0, held.stdout + held.stderr
-    train_py = checkout / "bip" / "train.py"  # a git pull that breaks training, after submission
+    train_py = checkout / "bip" / "train" / "__init__.py"  # a git pull that breaks training, after submission
     broken = 'raise RuntimeError("the checkout changed after submission")\n'
     train_py.write_text(broken + train_py.read_text())
     subprocess.run(git + ["commit", "-qam", "pulled"], check=True)

@@ -24,7 +24,7 @@ def _chromium(*args, tmp_path):
 
 def test_page_draws_every_figure_without_errors(fake_root, tmp_path):
     torch = pytest.importorskip("torch")
-    # one run with a per-layer mask report (bip/train.py writes it into mask.pt), for the bar chart
+    # one run with a per-layer mask report (bip/train/report.py writes it into mask.pt), for the bar chart
     layers = {f"layer{i}": {"kept_fraction": 0.1 * i} for i in range(1, 6)}
     torch.save({"report": {"layers": layers}}, fake_root / "toy-net-prune-bip-0.5" / "seed_1" / "mask.pt")
     page = report(fake_root)
