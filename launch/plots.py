@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as `python launch/plots.py`: make `bip` imp
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bip.errors import BipError  # noqa: E402
+from bip.report.tables import typed_cell  # noqa: E402
 from bip.report import style  # noqa: E402  (the one palette: the same colour per method everywhere)
 
 # Sparsity ticks (percent) the x axis may label; -log10(k) spreads 20 % ... 99.9 % evenly.
@@ -315,22 +316,9 @@ def read_index(path) -> list[dict]:
     import csv
     try:
         with open(path, newline="") as f:
-            return [{k: _typed(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            return [{k: typed_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except OSError as err:
         raise BipError(f"cannot read {path}: {err.strerror}") from None
-
-
-def _typed(text: str):
-    if text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:

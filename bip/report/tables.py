@@ -44,14 +44,15 @@ def read_index(path: Path) -> list[dict]:
     """The rows of an index.csv, with numbers, booleans and empty cells typed as collect wrote them."""
     try:
         with open(path, newline="") as f:
-            return [{k: _typed(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            return [{k: typed_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except OSError as err:
         raise BipError(f"cannot read {path}: {err.strerror} (run launch/collect.py ROOT first)") from None
     except csv.Error as err:
         raise BipError(f"{path} is not a CSV index: {err}") from None
 
 
-def _typed(text):
+def typed_cell(text):
+    """An index cell as the value it was written from (None, bool, int, float or text)."""
     if text is None or text == "":
         return None
     if text in ("True", "False"):
