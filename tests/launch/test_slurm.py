@@ -219,9 +219,10 @@ def test_three_preemptions_do_not_fail_a_run_with_max_requeues_1(tmp_path):
 
 @pytest.mark.slow
 def test_an_epoch_longer_than_the_time_limit_finishes_across_timeouts(tmp_path):
-    # One epoch of ~1 min of compute, a 1-minute limit, USR2 30 s before it (Slurm checks
-    # limits about every 30 s): each job trains a part of the epoch and requeues.
-    body = {"set": {**TINY, "data.synthetic_size": 8192, "data.batch_size": 64, "epochs": 1,
+    # One epoch of ~40 s of compute on an idle core (~2 min under make test's load), a 1-minute
+    # limit, USR2 30 s before it (Slurm checks limits about every 30 s): each job trains a part
+    # of the epoch and requeues. 8192 images (~19 s idle) could finish before the first USR2.
+    body = {"set": {**TINY, "data.synthetic_size": 16384, "data.batch_size": 64, "epochs": 1,
                     "train.steps_per_epoch": 0},
             "stages": {"pretrain": {}}, "axes": {"seed": [13]},
             "resources": {"time_min": 1, "signal_delay_s": 30, "max_requeues": 20}}
