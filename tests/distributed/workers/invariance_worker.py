@@ -12,6 +12,7 @@ running statistics, which are per rank by design) were not bitwise identical, an
 averaged (the pre-gsync behaviour, mean of g_r^2 instead of (mean g)^2). Rank 0 / the single process
 saves everything to OUT.
 """
+import os
 import sys
 
 import torch
@@ -157,4 +158,9 @@ if mode == "dist":
     # every rank waits for rank 0's save: a rank tearing gloo down while a peer still talks to it
     # can abort ("terminate called without an active exception", seen once in CI with 4 ranks)
     dist.barrier()
-    dist.destroy_process_group()
+    # Then leave without running gloo's C++ teardown: with 4 ranks on 2 cores it still aborted
+    # ("terminate called without an active exception", exit -6) after the barrier in CI. Rank 0's
+    # report is closed on disk by now, and nothing else is left to write.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
