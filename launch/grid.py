@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     resources = stage_resources(plan, args.profile, executor)
     # A dry run validates every cell as a submission would, shows the plan of the cells that
     # are fine, then every problem; anything else refuses before it looks at a run folder.
-    problems = list(plan.problems) + ([] if args.status else check_names(plan))
+    problems = list(dict.fromkeys(list(plan.problems) + ([] if args.status else check_names(plan))))
     if problems and not (args.dry_run or args.status):
         raise sweep.GridProblems(problems)
     manifest = manifests.read_manifest(plan)

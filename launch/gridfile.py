@@ -135,7 +135,7 @@ def export_of(value: Any, where: str) -> dict | None:
     if "prune" not in stages:  # a pretrain is dense: nothing to thin or to measure against
         raise BipError(f"{where}: stages.export needs a prune stage (it exports each cell's pruned model)")
     out = {**EXPORT_KEYS, **spec}
-    export_options.check_options(out, lambda key: f"{where}: stages.export.{key}")
+    export_options.check_options(out, lambda key: f"stages.export.{key}", f"{where}: ")
     return out
 
 

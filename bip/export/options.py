@@ -32,10 +32,17 @@ def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_options(options: dict, name: Callable[[str], str]) -> None:
+def check_options(options: dict, name: Callable[[str], str], where: str = "") -> None:
     """Raise a one-line BipError for the first bad option. ``options``: any of TYPES' keys
     (missing ones are not checked); ``name(key)`` spells an option in the caller's terms
-    (``--input-size``, ``grid g: stages.export.input_size``)."""
+    (``--input-size``, ``stages.export.input_size``), ``where`` starts each message."""
+    try:
+        _check(options, name)
+    except BipError as err:
+        raise BipError(f"{where}{err}") from None
+
+
+def _check(options: dict, name: Callable[[str], str]) -> None:
     for key, kind in TYPES.items():
         if key not in options or (key in ("input_size", "device") and options[key] is None):
             continue
