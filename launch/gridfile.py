@@ -9,8 +9,8 @@ A grid is a mapping::
     resources: {time_min: 120}      # profile keys overridden for every stage
     stages:                         # pretrain and/or prune, optional finetune (needs prune)
       pretrain: {configs: [configs/{dataset}/pretrain.yml], set: {...}, resources: {...}}
-      # or, to start every prune run from a published state dict instead (no pretrain job;
-      # the prune runs get run.source_net=PATH):   pretrain: {source: PATH}
+      # or, to start every prune run from a published state dict or a finished run's folder
+      # instead (no pretrain job; the prune runs get run.source_net=PATH):   pretrain: {source: PATH}
       prune:    {configs: ["configs/{dataset}/{method}.yml"]}
       finetune: {configs: [configs/{dataset}/finetune.yml], methods: [hydra]}
       export:   {thin: true, latency: [1, 64], onnx: false}   # optional: see EXPORT_KEYS
@@ -117,8 +117,9 @@ def stages_of(value: Any, where: str) -> dict[str, dict]:
     if source is not None:
         if not isinstance(source, str) or not source or set(out["pretrain"]) & {"set", "resources"} \
                 or out["pretrain"]["configs"]:
-            raise BipError(f"{where}: stages.pretrain.source is the path of a state dict file, "
-                           "given alone (no configs, set or resources: no pretrain job runs)")
+            raise BipError(f"{where}: stages.pretrain.source is the path of a state dict file or of a "
+                           "finished run folder, given alone (no configs, set or resources: no pretrain "
+                           "job runs)")
         if "prune" not in out:
             raise BipError(f"{where}: stages.pretrain.source needs a prune stage")
     return out
