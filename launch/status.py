@@ -7,13 +7,13 @@ and ``collect.py`` all use it. States, first rule that applies:
     done      result.json + config.yaml parse and final.pt passes its header check
     running   a live lease (heartbeat fresh, pid alive), or its Slurm job is running
     pending   its Slurm job is queued or requeued
+    unknown   its Slurm job's state cannot be read (sacct failed or timed out: slurmdbd down):
+              queued, running and ended look alike, so it is neither submitted again nor
+              counted as over; its children wait with it
     failed    error file(s), or its Slurm job ended (cancelled, timed out, PREEMPTED and not
               requeued, node failure, out of memory) without a result
     corrupt   result.json, final.pt or config.yaml damaged (resubmitted by --only-failed; the
               job moves the damaged files aside and trains again)
-    unknown   its Slurm job's state cannot be read (sacct failed or timed out: slurmdbd down):
-              queued, running and ended look alike, so it is neither submitted again nor
-              counted as over; its children wait with it
     blocked   its parent (transitively) failed, is corrupt or blocked
     started   a checkpoint or metrics but nothing runs it (killed, or stopped): resumable
     waiting   config.yaml only (written at submission)        new  no folder
