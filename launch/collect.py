@@ -140,7 +140,7 @@ def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
     """status (and error) of every row: launch.status.combine over folder, lease, Slurm, parent."""
     jobs = manifests.all_jobs(root)
     wanted = [jobs[rel]["job_id"] for rel, f in found.items() if f.state != "done" and rel in jobs]
-    sacct = slurm_acct.job_states(wanted) if slurm and wanted else {}
+    acct = slurm_acct.job_states(wanted) if slurm and wanted else slurm_acct.Accounting()
     by_path = {row["path"]: row for row in rows}
     decided: dict[str, str] = {}
 
@@ -153,9 +153,9 @@ def _set_status(root: Path, rows: list[dict], found: dict, slurm: bool) -> None:
         if parent_rel in by_path and parent_rel not in seen:
             parent = decide(parent_rel, seen | {rel})
         job = jobs.get(rel, {}).get("job_id")
-        status, detail = run_status.combine(found[rel], sacct.get(job, "") if job else "", parent, job)
+        status, detail = run_status.combine(found[rel], acct.state(job), parent, job, acct.error)
         row["status"] = status
-        if status in ("failed", "corrupt", "blocked"):
+        if status in ("failed", "corrupt", "blocked", "unknown"):
             row["error"] = detail
         if status == "corrupt":
             print(f"warning: {rel}: {detail}; marked corrupt", file=sys.stderr)

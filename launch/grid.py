@@ -51,6 +51,11 @@ def argument_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argument_parser().parse_args(argv))
+    except sweep.GridProblems as err:  # one line per problem
+        sys.stdout.flush()  # after the plan a dry run printed
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     except BipError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -60,32 +65,44 @@ def run(args: argparse.Namespace) -> int:
     executor = "debug" if args.debug else "local" if args.local else "slurm"
     if args.hold and (args.wait or executor != "slurm"):
         raise BipError("--hold submits held Slurm jobs: not with --wait, --local or --debug")
-    plan = sweep.load_grid(args.grid, args.root, args.profile)
+    plan = sweep.load_grid(args.grid, args.root, args.profile, keep_going=True)
     resources = stage_resources(plan, args.profile, executor)
-    if not args.status:
-        check_names(plan)  # a dry run validates every cell as a submission would
+    # A dry run validates every cell as a submission would, shows the plan of the cells that
+    # are fine, then every problem; anything else refuses before it looks at a run folder.
+    problems = list(dict.fromkeys(list(plan.problems) + ([] if args.status else check_names(plan))))
+    if problems and not (args.dry_run or args.status):
+        raise sweep.GridProblems(problems)
     manifest = manifests.read_manifest(plan)
     # Jobs of EVERY grid under the root: a run another grid queued is live for this one too.
     jobs = manifests.all_jobs(plan.root)
     states = run_status.run_states(plan, slurm=shutil.which("sacct") is not None, jobs=jobs)
     if args.status:
         print_status(plan, states)
+        if problems:
+            raise sweep.GridProblems(problems)
         return 0
     check_root("root", plan.root)  # writable: every run folder goes under it
     runs, stale = run_status.select(plan, states, args.only_failed)
     live = {key: jobs[key]["job_id"] for key, (s, _) in states.items() if s in run_status.LIVE and key in jobs}
+    unsure = {key: jobs[key]["job_id"] for key, (s, _) in states.items() if s in run_status.UNSURE and key in jobs}
     runs, held = hold_back(plan, runs, states, live)
     print_plan(plan, states, runs, resources, executor, live)
+    if unsure:
+        print(f"{len(unsure)} run(s) unknown ({states[next(iter(unsure))][1]}): not submitted again, "
+              "nor their children; --status asks Slurm again")
     for run_, parent in held[:5]:
-        print(f"held back {run_.key}: its parent {parent} runs outside Slurm ({states[parent][1]}); "
+        why = "its job's state is unknown" if states[parent][0] in run_status.UNSURE else "runs outside Slurm"
+        print(f"held back {run_.key}: its parent {parent} {why} ({states[parent][1]}); "
               "submit again once it is done")
     if args.dry_run:
-        print("dry run: nothing submitted")
+        print("dry run: nothing submitted" + (f"; {len(problems)} problem(s) to fix first" if problems else ""))
+        if problems:
+            raise sweep.GridProblems(problems)
         return 0
     if not runs:
         print("nothing to submit" + (f"; {len(live)} run(s) still queued or running" if live else ""))
-        if args.wait and live:
-            submit.wait_slurm(sorted(set(live.values())))
+        if args.wait and (live or unsure):
+            submit.wait_slurm(sorted(set(live.values()) | set(unsure.values())))
         return finish(plan, wait=args.wait or executor != "slurm")
     if executor == "slurm" and shutil.which("sbatch") is None:
         raise BipError("sbatch not found: this is not a Slurm login node (use --local or --debug)")
@@ -98,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                   "code": {k: code.get(k) for k in ("id", "git_sha", "git_dirty", "path")}}
     manifests.write_configs(plan, runs, submission)
     if executor == "slurm":
-        return submit_to_slurm(plan, manifest, runs, resources, submission, live, code, args)
+        return submit_to_slurm(plan, manifest, runs, resources, submission, live, code, args, unsure)
     manifests.record(plan, manifest, submission, {run_.key: None for run_ in runs})
     if executor == "local":
         workers, threads = submit.local_jobs(resources)
@@ -110,17 +127,19 @@ def run(args: argparse.Namespace) -> int:
 
 def hold_back(plan, runs, states, live) -> tuple[list, list]:
     """Runs whose parent is live without a Slurm job (a hand-started or --local trainer holds
-    its lease) cannot depend on it: they are left for the next submission."""
+    its lease) cannot depend on it, nor those whose parent's job state is unknown (sacct
+    failed): they are left for the next submission."""
     held: dict[str, str] = {}  # run key -> the live parent it waits for
     for run in runs:  # stage order: parents first
         if run.parent in held:
             held[run.key] = held[run.parent]
-        elif run.parent and states[run.parent][0] in run_status.LIVE and run.parent not in live:
+        elif run.parent and (states[run.parent][0] in run_status.UNSURE or
+                             states[run.parent][0] in run_status.LIVE and run.parent not in live):
             held[run.key] = run.parent
     return [r for r in runs if r.key not in held], [(r, held[r.key]) for r in runs if r.key in held]
 
 
-def submit_to_slurm(plan, manifest, runs, resources, submission, live, code, args) -> int:
+def submit_to_slurm(plan, manifest, runs, resources, submission, live, code, args, unsure) -> int:
     saved = dict(os.environ)
     # Jobs import the code snapshot (and sbatch exports this environment to them).
     os.environ.update(snapshot.job_environment(os.environ, code["path"]))
@@ -140,7 +159,7 @@ def submit_to_slurm(plan, manifest, runs, resources, submission, live, code, arg
         raise BipError(error)
     if not args.wait:
         return 0
-    submit.wait_slurm(sorted(set(job_ids.values()) | set(live.values())))
+    submit.wait_slurm(sorted(set(job_ids.values()) | set(live.values()) | set(unsure.values())))
     return finish(plan, wait=True)
 
 
@@ -152,7 +171,8 @@ def finish(plan: sweep.Plan, wait: bool) -> int:
     print_status(plan, states)
     from launch.collect import collect
     print(f"index: {collect(plan.root)}")
-    bad = [key for key, (s, _) in states.items() if s in ("failed", "blocked", "corrupt")]
+    # unknown: the jobs' end could not be confirmed (sacct failed), so neither can success.
+    bad = [key for key, (s, _) in states.items() if s in ("failed", "blocked", "corrupt", "unknown")]
     return 1 if bad else 0
 
 
@@ -169,10 +189,11 @@ def stage_resources(plan: sweep.Plan, profile: str | None, executor: str) -> dic
     return out
 
 
-def check_names(plan: sweep.Plan) -> None:
-    """Unknown arch or dataset names fail here, not in a thousand jobs. Built-in names are
-    checked against bip.config.names (no torch import); only a zoo arch (tv:, timm:) asks
-    bip.models, which imports torch and the zoo."""
+def check_names(plan: sweep.Plan) -> list[str]:
+    """Unknown arch or dataset names fail here, not in a thousand jobs (one problem each).
+    Built-in names are checked against bip.config.names (no torch import); only a zoo arch
+    (tv:, timm:) asks bip.models, which imports torch and the zoo."""
+    problems = []
     for arch, dataset in sorted({(r.cfg.model.arch, r.cfg.data.dataset) for r in plan.all_runs()}):
         try:
             names.check_arch(arch)
@@ -181,7 +202,8 @@ def check_names(plan: sweep.Plan) -> None:
                 from bip.models import model_builder
                 model_builder(arch)
         except BipError as err:
-            raise BipError(f"grid {plan.name}: {err}") from None
+            problems.append(f"grid {plan.name}: {err}")
+    return problems
 
 
 def print_plan(plan, states, runs, resources, executor, live) -> None:
@@ -206,12 +228,13 @@ def print_status(plan: sweep.Plan, states: dict, limit: int = 20) -> None:
     for stage, stage_runs in plan.runs.items():
         got = [states[run.key][0] for run in stage_runs]
         print(f"{stage:9s} " + " ".join(f"{got.count(s):7d}" for s in run_status.STATES))
-    for kind in ("failed", "corrupt", "blocked"):
+    for kind in ("unknown", "failed", "corrupt", "blocked"):
         rows = [run for run in plan.all_runs() if states[run.key][0] == kind]
         if rows:
             print(f"{kind}:")
         for run in rows[:limit]:
-            print(f"  {run.key}  [{run.label}]  {states[run.key][1]}")
+            detail = states[run.key][1]
+            print(f"  {run.key}  [{run.label}]  " + (f"unknown ({detail})" if kind == "unknown" else detail))
         if len(rows) > limit:
             print(f"  ... and {len(rows) - limit} more")
     changed = run_status.code_changes(plan)

@@ -9,8 +9,8 @@ A grid is a mapping::
     resources: {time_min: 120}      # profile keys overridden for every stage
     stages:                         # pretrain and/or prune, optional finetune (needs prune)
       pretrain: {configs: [configs/{dataset}/pretrain.yml], set: {...}, resources: {...}}
-      # or, to start every prune run from a published state dict instead (no pretrain job;
-      # the prune runs get run.source_net=PATH):   pretrain: {source: PATH}
+      # or, to start every prune run from a published state dict or a finished run's folder
+      # instead (no pretrain job; the prune runs get run.source_net=PATH):   pretrain: {source: PATH}
       prune:    {configs: ["configs/{dataset}/{method}.yml"]}
       finetune: {configs: [configs/{dataset}/finetune.yml], methods: [hydra]}
       export:   {thin: true, latency: [1, 64], onnx: false}   # optional: see EXPORT_KEYS
@@ -38,6 +38,7 @@ from typing import Any
 from bip.config import METHODS, valid_keys
 from bip.config.schema import FLAT_KEYS
 from bip.errors import BipError
+from bip.export import options as export_options
 
 STAGES = ("pretrain", "prune", "finetune")
 SHORT = {"dataset": "data.dataset", "arch": "model.arch", "layer_type": "prune.layer_type",
@@ -52,9 +53,8 @@ _TRANSLATED = {"trainer": "prune.method", "scaled_score_init": "prune.score_init
 # A child trains the same model on the same data with the same seed as its parent.
 LINEAGE = ("data.dataset", "model.arch", "model.num_classes", "run.seed")
 GRID_KEYS = ("name", "profile", "root", "set", "resources", "stages", "axes", "zip")
-# stages.export: option -> (type, default), the arguments of bip.export.export_run.
-EXPORT_KEYS = {"thin": (bool, True), "onnx": (bool, False), "latency": (list, [64]),
-               "nm_sparse": (bool, False), "input_size": (int, 0)}
+# stages.export: option -> default, the arguments of bip.export.export_run.
+EXPORT_KEYS = export_options.GRID_DEFAULTS
 STAGE_KEYS = {"pretrain": ("configs", "set", "resources", "source"),
               "prune": ("configs", "set", "resources"),
               "finetune": ("configs", "set", "resources", "methods")}
@@ -117,30 +117,26 @@ def stages_of(value: Any, where: str) -> dict[str, dict]:
     if source is not None:
         if not isinstance(source, str) or not source or set(out["pretrain"]) & {"set", "resources"} \
                 or out["pretrain"]["configs"]:
-            raise BipError(f"{where}: stages.pretrain.source is the path of a state dict file, "
-                           "given alone (no configs, set or resources: no pretrain job runs)")
+            raise BipError(f"{where}: stages.pretrain.source is the path of a state dict file or of a "
+                           "finished run folder, given alone (no configs, set or resources: no pretrain "
+                           "job runs)")
         if "prune" not in out:
             raise BipError(f"{where}: stages.pretrain.source needs a prune stage")
     return out
 
 
 def export_of(value: Any, where: str) -> dict | None:
-    """The validated ``stages.export`` options with defaults filled in, or None."""
+    """The validated ``stages.export`` options with defaults filled in, or None. The options
+    are checked by bip.export.options, as ``python -m bip.export`` checks its flags."""
     stages = mapping(value, f"{where}: stages")
     if "export" not in stages:
         return None
     spec = mapping(stages["export"], f"{where}: stages.export")
     check_keys(spec, tuple(EXPORT_KEYS), f"{where}: stages.export")
-    out = {}
-    for key, (kind, default) in EXPORT_KEYS.items():
-        value = spec.get(key, default)
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is list:
-            ok = ok and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)
-        if not ok:
-            raise BipError(f"{where}: stages.export.{key} must be {kind.__name__}"
-                           + (" of batch sizes > 0" if kind is list else ""))
-        out[key] = value
+    if "prune" not in stages:  # a pretrain is dense: nothing to thin or to measure against
+        raise BipError(f"{where}: stages.export needs a prune stage (it exports each cell's pruned model)")
+    out = {**EXPORT_KEYS, **spec}
+    export_options.check_options(out, lambda key: f"stages.export.{key}", f"{where}: ")
     return out
 
 

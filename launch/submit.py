@@ -31,13 +31,15 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from launch import profiles, snapshot
 from launch.job import TrainJob
-from launch.slurm import ACTIVE, job_states
+from launch.slurm import ACTIVE, UNKNOWN, job_states
 from launch.status import error_line
 from launch.sweep import Plan, Run
+from bip.errors import BipError
 from bip.rundir.folder import inspect
 
 Log = Callable[[str], None]
@@ -175,21 +177,42 @@ def max_array_size() -> int:
         return 1001
 
 
-def wait_slurm(job_ids: list[str], log: Log = _say, grace_s: float = 120.0) -> dict[str, str]:
+def wait_slurm(job_ids: list[str], log: Log = _say, grace_s: float = 120.0,
+               give_up_s: float = 3600.0) -> dict[str, str]:
     """Block until every job has ended; returns their last Slurm states. A job that neither
-    sacct nor squeue lists counts as live for ``grace_s`` (both lag a fresh submission)."""
+    sacct nor squeue lists counts as live for ``grace_s`` (both lag a fresh submission).
+
+    While sacct fails (slurmdbd down) the jobs it cannot tell about are unknown, not ended: the
+    wait goes on, asking again after 2, 4, 8 ... s (at most 10 min), and says so each time; after
+    ``give_up_s`` of failures in a row it stops and returns them as launch.slurm.UNKNOWN."""
     start, last = time.time(), None
+    failures, failing_since = 0, None
     while True:
-        states = job_states(job_ids)
+        acct = job_states(job_ids)
+        states = {j: acct.state(j) for j in job_ids if acct.state(j)}
         live = [j for j in job_ids
-                if states.get(j) in ACTIVE or (j not in states and time.time() - start < grace_s)]
-        tally = _count(states.get(j, "UNKNOWN") for j in job_ids)
+                if states.get(j) in ACTIVE or states.get(j) == UNKNOWN
+                or (j not in states and time.time() - start < grace_s)]
+        tally = _count(states.get(j, "UNKNOWN").upper() for j in job_ids)
         counts = " ".join(f"{s.lower()} {n}" for s, n in sorted(tally.items()))
         if counts != last:
             log(f"[{time.time() - start:6.0f} s] jobs: {counts}")
             last = counts
         if not live:
             return states
+        if acct.error and any(states.get(j) == UNKNOWN for j in live):
+            failures += 1
+            failing_since = failing_since or time.time()
+            unknown = sum(states.get(j) == UNKNOWN for j in job_ids)
+            if time.time() - failing_since >= give_up_s:
+                log(f"giving up: sacct has failed for {time.time() - failing_since:.0f} s ({acct.error}); "
+                    f"{unknown} job(s) unknown; --status asks again")
+                return states
+            delay = min(2.0 * 2 ** (failures - 1), 600.0)
+            log(f"sacct failed ({acct.error}): {unknown} job(s) unknown; asking again in {delay:.0f} s")
+            time.sleep(delay)
+            continue
+        failures, failing_since = 0, None
         time.sleep(min(2 + (time.time() - start) / 30, 15))
 
 
@@ -282,14 +305,30 @@ def local_jobs(resources: dict) -> tuple[int, int]:
     return max(1, cpus // threads), threads
 
 
+def local_log_dir(root: Path) -> Path:
+    """A new ``<root>/_local/<time>-<pid>[-n]/`` for one --local launcher's logs, created
+    exclusively: two launchers started in the same second (or a pid reused within it) never
+    share a folder, so neither overwrites the other's logs of a run with the same name."""
+    base = root / "_local"
+    base.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for n in range(1000):
+        folder = base / (stem if n == 0 else f"{stem}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise BipError(f"{base}: 1000 log folders named {stem}-* exist already")
+
+
 def run_local(plan: Plan, runs: list[Run], resources: dict, workers: int, threads: int,
               code: dict | None = None, log: Log = _say) -> dict[str, str]:
     """Runs of one process in a pool of worker processes (one run each at a time, ``threads``
     torch threads); runs of several tasks (DDP) through submitit's LocalExecutor."""
     env = snapshot.job_environment({**os.environ, "OMP_NUM_THREADS": str(threads),
                                     "MKL_NUM_THREADS": str(threads)}, (code or {}).get("path"))
-    logs = plan.root / "_local" / time.strftime("%Y%m%d-%H%M%S")
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = local_log_dir(plan.root)
     single = sum(resources[run.stage]["tasks_per_node"] * resources[run.stage]["nodes"] == 1 for run in runs)
     # Started now, so their interpreter and torch start-up overlaps the first run (the DAG's
     # root often runs alone: its children start the moment it ends).

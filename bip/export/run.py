@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from bip.errors import BipError
 from bip.export.latency import headline, measure
 from bip.export.modules import apply_spec
 from bip.export.nm import check_pattern, nm_export, nm_of
+from bip.export.options import MAX_BATCH, check_input, check_options
 from bip.export.thin import dense_copy, thin
 from bip.models import create_model
 from bip.models.accounting import count_params_and_macs
@@ -168,8 +170,10 @@ def input_shape_of(run_dir: Path, meta: dict, size: int | None = None) -> tuple[
 
 
 def prepare_run(run_dir: Path, thin: bool = False, input_size: int | None = None,
-                nm_sparse: bool = False):
-    """(masked model, meta, input shape) of a run that can be exported as asked; BipError if not."""
+                nm_sparse: bool = False, latency: tuple[int, ...] = (), name=None):
+    """(masked model, meta, input shape) of a run that can be exported as asked; BipError if not.
+    ``name(option)`` spells an option in messages (default: the command line's flags)."""
+    name = name or _flag
     model, meta = load_run(run_dir)
     if thin and meta["layer_type"] not in ("filter", "channel"):
         raise BipError(f"--thin needs a filter or channel run; {run_dir} is {meta['layer_type']}")
@@ -178,35 +182,95 @@ def prepare_run(run_dir: Path, thin: bool = False, input_size: int | None = None
         if not check_pattern(model, n, m)["nm"]:
             raise BipError(f"--nm-sparse: no masked layer of {run_dir} keeps exactly {n} of every "
                            f"{m} weights")
-    return model, meta, input_shape_of(run_dir, meta, input_size)
+    shape = input_shape_of(run_dir, meta, input_size)
+    check_input(shape, latency, name)
+    return model, meta, shape
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def check_device(device: str, name=_flag) -> None:
+    """A CUDA device must exist here (check_options has checked the spelling)."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise BipError(f"{name('device')}={device}: no CUDA GPU is available on this machine")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise BipError(f"{name('device')}={device}: this machine has {torch.cuda.device_count()} CUDA "
+                       "device(s)")
+
+
+def validate(run_dir: Path, thin: bool = False, onnx: bool = False, latency: tuple[int, ...] = (),
+             nm_sparse: bool = False, input_size: int | None = None, device: str = "cpu", name=_flag):
+    """Every option and the run itself, before anything is written: ``prepare_run``'s result."""
+    check_options({"thin": thin, "onnx": onnx, "latency": list(latency), "nm_sparse": nm_sparse,
+                   "input_size": input_size, "device": device}, name)
+    check_device(device, name)
+    return prepare_run(run_dir, thin, input_size, nm_sparse, latency, name)
+
+
+class _Staged:
+    """The files of one export under temporary names until all are written: an export that fails
+    half-way (or is killed) leaves the folder's earlier files as they were."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.paths = run_dir, {}
+
+    def path(self, name: str) -> Path:
+        self.paths[name] = self.run_dir / f".{name}.export-{os.getpid()}.tmp"
+        return self.paths[name]
+
+    def commit(self) -> None:
+        for name, tmp in self.paths.items():
+            os.replace(tmp, self.run_dir / name)
+        self.paths = {}
+
+    def discard(self) -> None:
+        for tmp in self.paths.values():
+            tmp.unlink(missing_ok=True)
 
 
 def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: tuple[int, ...] = (),
                nm_sparse: bool = False, input_size: int | None = None, device: str = "cpu",
-               log=print) -> dict:
-    """Write the exports of one finished run and ``RUN_DIR/export.json``; returns its content."""
-    model, meta, shape = prepare_run(run_dir, thin, input_size, nm_sparse)
+               log=print, name=_flag) -> dict:
+    """Write the exports of one finished run and ``RUN_DIR/export.json``; returns its content.
+    Every option is checked first; nothing is written unless every export succeeds."""
+    model, meta, shape = validate(run_dir, thin, onnx, latency, nm_sparse, input_size, device, name)
+    staged = _Staged(run_dir)
+    try:
+        doc = _export(model, meta, shape, staged, thin, onnx, latency, nm_sparse, device, log)
+        staged.commit()
+    finally:
+        staged.discard()
+    write_json(run_dir / identity.EXPORT, doc)
+    return doc
+
+
+def _export(model, meta, shape, staged: _Staged, thin, onnx, latency, nm_sparse, device, log) -> dict:
     doc: dict = {"status": "done", "run_id": meta.get("run_id"), "arch": meta["arch"],
                  "layer_type": meta["layer_type"], "k": meta.get("k"), "input_shape": list(shape),
                  "files": {}, "size_bytes": {}}
     dense_state = dense_state_dict(model)
-    checkpoint.save(run_dir / "dense.pt", dense_state)
+    checkpoint.save(staged.path("dense.pt"), dense_state)
     doc["files"]["dense"] = "dense.pt"
-    doc["size_bytes"] = {"dense": (run_dir / "dense.pt").stat().st_size,
+    doc["size_bytes"] = {"dense": staged.paths["dense.pt"].stat().st_size,
                          "masked": serialized_size(model.state_dict())}
     thinned = None
     if thin:
         thinned, content, summary = export_thin(model, shape, meta)
-        checkpoint.save(run_dir / "thin.pt", content)
+        checkpoint.save(staged.path("thin.pt"), content)
         doc["files"]["thin"] = "thin.pt"
-        doc["size_bytes"]["thin"] = (run_dir / "thin.pt").stat().st_size
+        doc["size_bytes"]["thin"] = staged.paths["thin.pt"].stat().st_size
         doc.update(summary)
         log(f"thin.pt: params {summary['params']['thin']:,} (masked effective "
             f"{summary['params']['effective']:,}), MACs {summary['macs']['thin']:,} (effective "
             f"{summary['macs']['effective']:,}; zero weights kept by coupling: "
             f"{summary['macs']['zero_kept']:,}), max |thin - masked| = {summary['max_abs_diff']:.2g}")
         if onnx:
-            doc["files"].update(export_programs(thinned, shape, run_dir, log))
+            doc["files"].update(export_programs(thinned, shape, staged.path, log))
     if nm_sparse:
         doc["nm"] = nm_export(model, meta, device, log)
     if latency:
@@ -215,7 +279,6 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
         doc.update(headline(doc["latency"]))
         log(f"latency ({doc['latency_device']}, batch {doc['latency_batch']}): thin "
             f"{doc['latency_ms']} ms, dense {doc['latency_ms_dense']} ms, speedup {doc['speedup']}x")
-    write_json(run_dir / identity.EXPORT, doc)
     return doc
 
 
@@ -228,7 +291,8 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
     try:
         return export_run(run_dir, options.get("thin", False), options.get("onnx", False),
                           tuple(options.get("latency") or ()), options.get("nm_sparse", False),
-                          options.get("input_size") or None, device, log)
+                          options.get("input_size") or None, device, log,
+                          name=lambda key: f"stages.export.{key}")
     except Exception as err:  # noqa: BLE001 - the training result stands; say what went wrong
         log(traceback.format_exc(limit=4))
         doc = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -236,12 +300,13 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
         return doc
 
 
-def export_programs(thinned: nn.Module, shape, run_dir: Path, log) -> dict:
-    """thin.pt2 (torch.export, batch size dynamic) and, with the onnx extra, thin.onnx."""
+def export_programs(thinned: nn.Module, shape, path, log) -> dict:
+    """thin.pt2 (torch.export, batch size dynamic) and, with the onnx extra, thin.onnx;
+    ``path(name)`` is where each file goes."""
     x = torch.randn(2, *shape)
-    dims = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    dims = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
     program = torch.export.export(thinned.eval(), (x,), dynamic_shapes=dims)
-    atomic_write(run_dir / "thin.pt2", lambda f: torch.export.save(program, f))
+    atomic_write(path("thin.pt2"), lambda f: torch.export.save(program, f))
     files = {"torch_export": "thin.pt2"}
     try:
         import onnx  # noqa: F401
@@ -252,7 +317,7 @@ def export_programs(thinned: nn.Module, shape, run_dir: Path, log) -> dict:
         return files
     onnx_program = torch.onnx.export(thinned.eval(), (x,), dynamo=True, dynamic_shapes=dims, verbose=False,
                                      input_names=["input"], output_names=["logits"])
-    atomic_write(run_dir / "thin.onnx", lambda f: f.write(onnx_program.model_proto.SerializeToString()))
+    atomic_write(path("thin.onnx"), lambda f: f.write(onnx_program.model_proto.SerializeToString()))
     files["onnx"] = "thin.onnx"
     return files
 
@@ -278,10 +343,8 @@ def main(argv=None) -> int:
         p.error("--onnx needs --thin")
     latency = tuple(args.latency or (1, 64)) if args.latency is not None else ()
     try:
-        if any(b < 1 for b in latency):
-            raise BipError("--latency batch sizes must be >= 1")
-        for run_dir in args.run_dirs:  # check every folder before writing anything
-            prepare_run(run_dir, args.thin, args.input_size, args.nm_sparse)
+        for run_dir in args.run_dirs:  # every option and every folder before writing anything
+            validate(run_dir, args.thin, args.onnx, latency, args.nm_sparse, args.input_size, args.device)
         for run_dir in args.run_dirs:
             export_run(run_dir, args.thin, args.onnx, latency, args.nm_sparse, args.input_size,
                        args.device, log=lambda text: print(text, file=sys.stderr))

@@ -318,6 +318,51 @@ def test_export_cli_thin_refuses_unstructured_and_touches_nothing(runs, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def _files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# A CUDA device this machine does not have.
+NO_GPU = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--thin", "--input-size", "-3"], "--input-size=-3 is out of range [1, 4096]"),
+    (["--input-size", "100000"], "--input-size=100000 is out of range"),
+    (["--device", NO_GPU, "--latency", "1"], f"--device={NO_GPU}: "),
+    (["--device", NO_GPU], f"--device={NO_GPU}: "),
+    (["--device", "foo", "--latency", "1"], "--device='foo' is not a device; use cpu, cuda or cuda:N"),
+    (["--device", "foo"], "--device='foo' is not a device"),
+    (["--latency", "1000000000"], "--latency: batch size 1000000000 is out of range [1, 4096]"),
+    (["--latency", "4096", "--input-size", "1024"], "is 48.0 GiB (at most 4 GiB)"),
+])
+def test_export_cli_checks_every_option_before_writing(runs, tmp_path, capsys, argv, message):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[1]["filter"], run_dir)
+    before = _files(run_dir)
+    assert main([str(run_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert _files(run_dir) == before
+
+
+def test_an_export_that_fails_half_way_leaves_the_folder_as_it_was(runs, tmp_path, monkeypatch):
+    import shutil
+    from bip.export import run as export_module
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[1]["filter"], run_dir)
+    assert main([str(run_dir)]) == 0  # an earlier export: dense.pt and export.json
+    before = _files(run_dir)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the middle of the export")
+    monkeypatch.setattr(export_module, "measure", broken)  # after dense.pt and thin.pt
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main([str(run_dir), "--thin", "--onnx", "--latency", "1"])
+    assert _files(run_dir) == before  # no thin.pt, thin.pt2, temp file or new dense.pt
+
+
 def test_nm_pattern_is_checked_and_cpu_exports_dense(capsys):
     from bip.export.nm import check_pattern, nm_export
     model = create_model("resnet20s", 10, "unstructured")
@@ -373,8 +418,8 @@ def export_grid(folder, export, **doc):
 
 @pytest.mark.parametrize("export,message", [
     ({"thinn": True}, "unknown key 'thinn' (did you mean thin?)"),
-    ({"latency": [0]}, "stages.export.latency must be list of batch sizes > 0"),
-    ({"onnx": "yes"}, "stages.export.onnx must be bool"),
+    ({"latency": [0]}, "stages.export.latency: batch size 0 is out of range [1, 4096]"),
+    ({"onnx": "yes"}, "stages.export.onnx must be bool, got 'yes'"),
 ])
 def test_grid_export_options_are_checked(tmp_path, export, message):
     from bip.errors import BipError
@@ -398,3 +443,41 @@ def test_grid_export_stage_thins_the_last_run_of_structured_cells(tmp_path, caps
         assert ("thin" in doc["files"]) == options["thin"] and doc["latency_batch"] == 2
         assert rows[key]["latency_ms"] and (rows[key]["macs_thin"] != "") == options["thin"]
     assert not any((plan.dir(r) / "export.json").exists() for r in plan.all_runs() if not r.export)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"export": {"input_size": -5}}, "grid ex: stages.export.input_size=-5 is out of range [1, 4096]"),
+    ({"export": {"latency": [1000000000]}}, "stages.export.latency: batch size 1000000000 is out of range"),
+    ({"export": {"onnx": True, "thin": False}}, "grid ex: stages.export.onnx needs stages.export.thin"),
+    ({"export": {"nm_sparse": True}, "axes": {"method": ["omp"], "layer_type": ["unstructured"], "k": [0.5]}},
+     "grid ex: stages.export.nm_sparse needs N:M cells (layer_type nm); this grid's are unstructured"),
+    ({"export": {"latency": [2]}, "stages": {"pretrain": {}}, "axes": {"seed": [1]}},
+     "grid ex: stages.export needs a prune stage"),
+])
+def test_grid_export_options_are_refused_at_dry_run(tmp_path, capsys, change, message):
+    from launch import grid
+    doc = {k: v for k, v in change.items() if k != "export"}
+    if "stages" in doc:
+        doc["stages"] = {**doc["stages"], "export": change["export"]}
+    path, root = export_grid(tmp_path, change["export"], **doc), tmp_path / "runs"
+    assert grid.main([str(path), "--root", str(root), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not root.exists()
+
+
+def test_an_nm_grid_exports_nm_sparse_only_where_the_cell_is_nm_and_launch_needs_no_torch(tmp_path):
+    import subprocess
+    import sys
+    from launch import sweep
+    path = export_grid(tmp_path, {"nm_sparse": True, "latency": [2]},
+                       axes={"method": ["omp"], "layer_type": ["nm", "unstructured"], "k": [0.5]})
+    plan = sweep.load_grid(path, tmp_path / "runs")
+    assert sorted((r.cfg.prune.layer_type, r.export["nm_sparse"]) for r in plan.all_runs() if r.export) == \
+        [("nm", True), ("unstructured", False)]
+    # The launcher checks export options with bip.export.options: importing it loads no torch.
+    code = ("import sys; from launch import grid, sweep; sweep.load_grid(sys.argv[1], sys.argv[2]); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "runs")],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

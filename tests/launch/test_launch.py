@@ -407,3 +407,73 @@ def test_imp_levels_train_each_round_once_and_index_one_row_per_round(tmp_path, 
     out = capsys.readouterr().out
     submitted = {line.split()[0]: int(line.split()[5]) for line in out.splitlines()[2:4]}
     assert submitted == {"pretrain": 0, "prune": 2}, out  # 0.4096, then 0.4 (the shortened step)
+
+
+# -- sources, problems, log folders (issue 21) -----------------------------------------------
+
+def test_a_grid_pretrain_source_may_be_a_finished_run_folder_as_for_source_net(tmp_path, capsys):
+    root = tmp_path / "runs"
+    pre = write_grid(tmp_path, name="pre", stages={"pretrain": {}}, axes={"seed": [1]})
+    assert cli(pre, "--root", root, "--debug") == 0
+    folder = sweep.load_grid(pre, root).dir(sweep.load_grid(pre, root).runs["pretrain"][0])
+    prune = {"pretrain": {"source": str(folder)}, "prune": {"set": {"layer_type": "unstructured"}}}
+    path = write_grid(tmp_path, name="from_run", stages=prune, axes={"method": ["omp"], "k": [0.5], "seed": [1]})
+    plan = sweep.load_grid(path, root)
+    (run,) = plan.all_runs()
+    assert run.cfg.run.source_net == str(folder.resolve()) and run.parent is None
+    assert cli(path, "--root", root, "--debug") == 0
+    result = json.loads((plan.dir(run) / identity.RESULT).read_text())
+    assert result["status"] == "done" and result["stage"] == "prune"
+    # A folder that has not finished is refused, as --source-net refuses it.
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    capsys.readouterr()
+    bad = write_grid(tmp_path, name="bad", stages={**prune, "pretrain": {"source": str(unfinished)}},
+                     axes={"method": ["omp"], "k": [0.5], "seed": [1]})
+    assert cli(bad, "--root", root, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"stages.pretrain.source: run folder {unfinished} has not finished" in err
+
+
+def test_a_dry_run_shows_the_plan_then_every_problem_and_a_submission_refuses_them_all(tmp_path, capsys):
+    root = tmp_path / "runs"
+    stages = {"pretrain": {"source": str(tmp_path / "missing.pt")}, "prune": {"set": {"layer_type": "unstructured"}}}
+    path = write_grid(tmp_path, stages=stages, axes={"method": ["omp"], "k": [0.5, 0.2, 1.5], "seed": [1],
+                                                     "arch": ["resnet20s", "resnet19"]})
+    assert cli(path, "--root", root, "--dry-run") == 2
+    out, err = capsys.readouterr()
+    assert "6 cells, 4 runs" in out and "dry run: nothing submitted; 4 problem(s) to fix first" in out
+    assert [line.split(": ", 3)[2] for line in err.splitlines()] == \
+        ["stages.pretrain.source", "prune of cell [method=omp k=1.5 seed=1 arch=resnet20s]",
+         "prune of cell [method=omp k=1.5 seed=1 arch=resnet19]", "unknown arch 'resnet19'; choose one of"], err
+    assert all(line.startswith("error: grid g: ") for line in err.splitlines())
+    assert f"file not found: {tmp_path / 'missing.pt'}" in err and "prune.k=1.5 is out of range" in err
+    # A submission refuses at once, with the same lines, and writes nothing.
+    assert cli(path, "--root", root, "--local") == 2
+    assert capsys.readouterr().err == err and not root.exists()
+
+
+def test_the_shipped_imagenet_grid_dry_runs_on_a_fresh_clone_listing_its_missing_weights(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}  # no torch hub cache: the weights file is missing
+    out = subprocess.run([sys.executable, REPO / "launch" / "grid.py", REPO / "configs" / "grids" /
+                          "imagenet_tv_resnet50.yml", "--root", tmp_path / "runs", "--dry-run"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "3 cells, 3 runs" in out.stdout and "prune          3" in out.stdout, out.stdout
+    assert "dry run: nothing submitted; 1 problem(s) to fix first" in out.stdout
+    weights = tmp_path / ".cache/torch/hub/checkpoints/resnet50-0676ba61.pth"
+    assert out.stderr == f"error: grid imagenet_tv_resnet50: stages.pretrain.source: file not found: {weights}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_local_launchers_started_in_the_same_second_log_into_their_own_folders(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20260101-000000")  # the same second
+    logs = []
+    for name in ("one", "two"):  # one process, so also the same pid
+        path = write_grid(tmp_path, name=name, stages={"pretrain": {}}, axes={"seed": [1 if name == "one" else 2]})
+        assert cli(path, "--root", root, "--local", "--jobs", "1") == 0
+        logs.append(sorted(p.relative_to(root / "_local") for p in (root / "_local").glob("*/*.log")))
+    first, both = logs
+    assert len(first) == 1 and len(both) == 2 and len({p.parent for p in both}) == 2, both
+    assert all(p.parent.name.startswith(f"20260101-000000-{os.getpid()}") for p in both)

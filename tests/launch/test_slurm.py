@@ -284,12 +284,12 @@ def test_after_scancel_of_a_running_pretrain_status_wait_and_collect_agree(tmp_p
     subprocess.run(["scancel", job], check=True)
     # Until Slurm reports the cancel, the run is live; after it, a plain submission would
     # resubmit it (a cancelled run is not done): status and the index are read in between.
-    poll(lambda: slurm.job_states([job]).get(job) == "CANCELLED", what="the cancel")
+    poll(lambda: slurm.job_states([job]).state(job) == "CANCELLED", what="the cancel")
     child = manifest(root, "cancel")["cells"][prune]["job_id"]  # afterany: it starts, finds its
     # parent not done and ends blocked. Polled through the launcher's own reader: while the
     # array is pending, `sacct -j <id>_0` lists nothing (its record is <id>_[0]), and a job
     # that is not listed has not ended.
-    poll(lambda: slurm.job_states([child]).get(child, "PENDING") not in slurm.ACTIVE,
+    poll(lambda: (slurm.job_states([child]).state(child) or "PENDING") not in slurm.ACTIVE,
          what="the prune job to end")
     waited = subprocess.run([sys.executable, str(REPO / "launch" / "collect.py"), str(root)],
                             capture_output=True, text=True, timeout=120)
