@@ -24,11 +24,13 @@ from dataclasses import fields
 from pathlib import Path
 
 from bip.config import SECTIONS, Config
+from bip.config.schema import SCORE_DYNAMICS
 from bip.config.names import safe_component
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
 MASK, RESULT, ERROR, REWIND = "mask.pt", "result.json", "error.json", "rewind.pt"
 FINAL, OWNER = "final.pt", "owner.json"
+BEST = "best.pt"  # eval.select=best_val: the best validation epoch's model and row so far
 EXPORT = "export.json"  # python -m bip.export's record (result.json is never modified)
 
 
@@ -40,7 +42,7 @@ def rank_error(rank: int) -> str:
 _NOT_HASHED = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "data.train_beton",
     "data.val_beton", "run.seed", "run.exp_name", "run.result_dir", "run.resume",
-    "run.print_freq", "run.source_net", "run.resume_foreign", "run.lease_stale_min",
+    "run.print_freq", "run.diagnostics", "run.source_net", "run.resume_foreign", "run.lease_stale_min",
     "train.checkpoint_every_min",
     # A tolerance: it decides whether a diverging run stops, never what a finished run computed,
     # so raising it resumes the stopped run in its own folder.
@@ -64,10 +66,10 @@ def _unused(cfg: Config) -> set[str]:
     # acts under DDP.
     world = {"train.sync_bn"} if cfg.train.world_size == 1 else set()
     if stage == "pretrain":
-        return {"prune.*", "bip.*"} | world
+        return {"prune.*", "bip.*", "eval.select"} | world
     if stage == "finetune":
         return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate",
-                "prune.variant"} | world
+                "prune.variant", *SCORE_DYNAMICS} | world
     unused = world
     if method != "bip":
         unused.add("bip.*")
@@ -76,9 +78,9 @@ def _unused(cfg: Config) -> set[str]:
     if method != "imp":
         unused.add("prune.imp_rate")
     if method not in ("hydra", "bip"):
-        unused.add("prune.score_init")
+        unused |= {"prune.score_init", *SCORE_DYNAMICS}
     if method in ("omp", "random"):  # one-shot: nothing is trained
-        unused |= {"optim.*"} | _TRAINING
+        unused |= {"optim.*", "eval.select"} | _TRAINING
     if method == "bip":
         paper = cfg.bip.variant in ("paper", "fused")  # fused reads the paper's fields
         unused |= (_REFERENCE_ONLY | _UNUSED_BY_PAPER_BIP) if paper else _PAPER_ONLY

@@ -111,6 +111,12 @@ class PruneConfig:
     on_collapse: str = "warn"       # warn | fail when the pruned network is disconnected
     n: int = 2                      # nm: keep n of every m consecutive weights along the input
     m: int = 4
+    # Mask dynamics of score-based methods (bip, hydra; docs/experiments/2026-12-08-high-sparsity.md)
+    refresh_every: int = 1          # optimizer steps between mask refreshes (1: every step)
+    hysteresis: float = 0.0         # a kept weight's |score| counts (1 + h) times when the mask is re-ranked
+    ramp_epochs: float = 0.0        # unstructured: k falls from 1 to k along a cubic over these epochs
+    score_step_clip: float = 0.0    # each layer's score gradient step (lr x ||grad||) is at most this
+                                    # fraction of ||scores|| of the layer (0: unbounded)
 
     def __post_init__(self):
         _check_choice("prune.method", self.method, METHODS)
@@ -130,6 +136,12 @@ class PruneConfig:
         if floor and (self.layer_type not in ("unstructured", "dense") or self.scope != "global"):
             raise BipError("prune.min_layer_keep applies to the global unstructured budget; filter, "
                            "channel, nm and prune.scope=layer keep at least one unit per layer already")
+        _check_min(self, "prune", 1, ("refresh_every",))
+        _check_min(self, "prune", 0, ("hysteresis", "ramp_epochs", "score_step_clip"))
+        if self.hysteresis and self.layer_type in ("filter", "channel"):
+            raise BipError("prune.hysteresis damps unstructured and nm masks; filter and channel masks have none")
+        if self.ramp_epochs and self.layer_type != "unstructured":
+            raise BipError(f"prune.ramp_epochs ramps an unstructured budget; {self.layer_type} masks keep k from the start")
         skip = sorted({s.strip() for s in self.skip.split(",") if s.strip()})
         object.__setattr__(self, "skip", ",".join(skip))  # one spelling per meaning (run ids)
         if not 1 <= self.n < self.m:
@@ -142,6 +154,9 @@ class PruneConfig:
             elif abs(self.k - self.n / self.m) > 1e-9:
                 raise BipError(f"prune.k={self.k} contradicts nm with n={self.n}, m={self.m} "
                                f"(k = n/m = {self.n / self.m}); leave k unset")
+
+
+SCORE_DYNAMICS = ("prune.refresh_every", "prune.hysteresis", "prune.ramp_epochs", "prune.score_step_clip")
 
 
 @dataclass(frozen=True)
@@ -228,6 +243,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    # Before every evaluation: reset BatchNorm's running statistics and re-estimate them in train
+    # mode (no gradient, weights and masks untouched) over this many training batches; 0 = off.
+    bn_recalibrate: int = 0
+    select: str = "last"            # prune: publish the last epoch's model | best_val: the best
+                                    # validation epoch's model (weights, scores, mask, BN)
+
+    def __post_init__(self):
+        _check_min(self, "eval", 0, ("bn_recalibrate",))
+        _check_choice("eval.select", self.select, ("last", "best_val"))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     stage: str = "pretrain"         # pretrain | prune | finetune (seed flag --exp-mode)
     seed: int = 1234
@@ -239,12 +267,15 @@ class RunConfig:
     resume_foreign: bool = False    # allow --resume from another run's checkpoint (recorded)
     lease_stale_min: float = 10.0   # a run folder's lease without a heartbeat for this long is free
     print_freq: int = 100           # batches between progress-bar refreshes
+    diagnostics: str = "epoch"      # none | epoch | step: mask/score/BN fields of score-based runs
+                                    # in metrics.jsonl (bip.pruning.monitor); step: per-step sums
 
     def __post_init__(self):
         _check_choice("run.stage", self.stage, STAGES)
         check_root_text("run.result_dir", self.result_dir)
         _check_range("run.seed", self.seed, 0, 2**32 - 1)
         _check_min(self, "run", 1, ("print_freq",))
+        _check_choice("run.diagnostics", self.diagnostics, ("none", "epoch", "step"))
         if not self.lease_stale_min > 0:
             raise BipError(f"run.lease_stale_min must be > 0, got {self.lease_stale_min}")
         if self.source_net and self.parent:
@@ -257,9 +288,11 @@ def method_label(stage: str, prune_method: str) -> str:
     return "dense" if stage == "pretrain" else prune_method
 
 
+_PRUNE_DEFAULTS = PruneConfig()
+
 SECTIONS = {
     "data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "bip": BipConfig,
-    "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
+    "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig, "run": RunConfig,
 }
 _FIELD_NAMES = {s: tuple(f.name for f in fields(cls)) for s, cls in SECTIONS.items()}
 
@@ -272,6 +305,7 @@ class Config:
     bip: BipConfig = field(default_factory=BipConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
@@ -280,6 +314,16 @@ class Config:
             raise BipError(f"pretrain trains a dense model: layer_type must be dense, got {layer_type}")
         if stage != "pretrain" and layer_type == "dense":
             raise BipError(f"stage {stage} needs a pruned layer type (unstructured, filter, channel or nm)")
+        if stage == "pretrain" and self.eval.select != "last":
+            raise BipError("eval.select=best_val chooses a pruned model; a pretrain publishes its last epoch "
+                           "(IMP rewinds to it)")
+        dynamics = [k for k in SCORE_DYNAMICS
+                    if getattr(self.prune, k.split(".")[1]) != getattr(_PRUNE_DEFAULTS, k.split(".")[1])]
+        released = self.prune.method == "bip" and self.bip.variant == "reference" or (
+            self.prune.method == "hydra" and self.prune.variant == "reference")
+        if dynamics and stage == "prune" and released:
+            raise BipError(f"{', '.join(dynamics)}: the reference variant reproduces the released code "
+                           "exactly and has no such option")
 
     @property
     def method_label(self) -> str:

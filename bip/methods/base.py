@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bip.pruning import masking
+from bip.pruning.monitor import MaskMonitor
 from bip.config import Config
 from bip.methods.gsync import world_size
 from bip.methods.optim import lr_at, set_lr
@@ -62,6 +63,8 @@ class Method:
         # Training examples through a forward / a backward of the model on this process since
         # the last take_passes(): host ints from batch shapes, so counting never syncs.
         self._passes = [0, 0]
+        self.monitor: MaskMonitor | None = None  # score-based methods (bip.pruning.monitor)
+        self._refreshes = 0  # optimizer steps so far (prune.refresh_every counts them)
         if cfg.run.stage == "prune":  # skip, N:M groups, budget scope and floor of this run
             masking.configure(model, cfg.prune)
 
@@ -84,11 +87,58 @@ class Method:
         return passes
 
     def state_dict(self) -> dict:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        state = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        if self.monitor is not None:
+            state["_monitor"] = self.monitor.state_dict()
+            state["_refreshes"] = self._refreshes
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
+        # Absent in checkpoints written before run.diagnostics: that epoch's churn then counts
+        # from the resume (the training state itself is exact either way).
+        if self.monitor is not None and "_monitor" in state:
+            self.monitor.load_state_dict(state["_monitor"])
+        self._refreshes = int(state.get("_refreshes", 0))
+
+    # score-based methods -------------------------------------------------------------------
+    def _start_masks(self, model: nn.Module) -> None:
+        """Scores from prune.score_init, the first mask (at the ramp's start density) and the
+        mask monitor (run.diagnostics)."""
+        masking.init_scores(model, self.cfg.prune.score_init)
+        k = self.cfg.prune.k
+        if self.cfg.run.diagnostics != "none":
+            masking.refresh_masks(model, k)  # the monitor's start mask is the one at k
+            self.monitor = MaskMonitor(model, k, self.cfg.run.diagnostics)
+        masking.refresh_masks(model, masking.ramp_k(k, 0.0, self.cfg.prune.ramp_epochs))
+
+    @torch.no_grad()
+    def _clip_score_steps(self, scores: list[torch.Tensor], lr: float) -> None:
+        """prune.score_step_clip = c: scale each layer's score gradient so that lr * ||grad|| <=
+        c * ||scores|| (before momentum). At 98 % sparsity BatchNorm divides nearly empty
+        channels by their tiny spread, and one step can move a layer's scores several times
+        their own size (docs/experiments/2026-12-08-high-sparsity.md). Device ops only; under DDP
+        the gradients are already averaged here."""
+        c = self.cfg.prune.score_step_clip
+        params = [s for s in scores if s.grad is not None]
+        if not c or lr <= 0 or not params:
+            return
+        grads = [s.grad for s in params]
+        g_norms = torch._foreach_norm(grads)
+        s_norms = torch._foreach_norm([s.detach() for s in params])
+        for g, gn, sn in zip(grads, g_norms, s_norms):
+            g.mul_((c * sn / (lr * gn).clamp_min(1e-30)).clamp(max=1.0))
+
+    def _refresh_masks(self, progress: float) -> None:
+        """After an optimizer step: a new mask every prune.refresh_every steps, at the budget of
+        the sparsity ramp (prune.ramp_epochs), then the monitor's step sums."""
+        p = self.cfg.prune
+        self._refreshes += 1
+        if self._refreshes % p.refresh_every == 0:
+            masking.refresh_masks(self.core, masking.ramp_k(p.k, progress, p.ramp_epochs))
+        if self.monitor is not None:
+            self.monitor.after_refresh()
 
     # helpers -------------------------------------------------------------------------------
     def _autocast(self):
@@ -122,10 +172,12 @@ class Method:
         o = self.cfg.optim
         return lr_at(o.lr_schedule, o.lr, progress, epochs or self.epochs(), o.warmup_epochs, o.warmup_lr)
 
-    def _sgd_step(self, opt, batch: Batch, lr: float) -> dict[str, torch.Tensor]:
+    def _sgd_step(self, opt, batch: Batch, lr: float, before_step=None) -> dict[str, torch.Tensor]:
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         loss, out = self._loss(*batch)
         self._backward(loss, batch[1])
+        if before_step is not None:
+            before_step()
         opt.step()
         return self._stats(loss, out, batch[1])

@@ -25,8 +25,7 @@ class BipPaper(Method):
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
         b = cfg.bip
-        masking.init_scores(model, cfg.prune.score_init)
-        masking.refresh_masks(model, cfg.prune.k)
+        self._start_masks(model)
         all_scores = masking.all_score_ids(model)
         self.theta = [p for p in model.parameters() if id(p) not in all_scores]
         self.scores = masking.score_parameters(model)  # those of layers left dense never train
@@ -61,6 +60,8 @@ class BipPaper(Method):
             self._backward(loss_t, y_t)
         if sink is not None:
             sink.finish()
+        self._clip_score_steps(self.scores, b.beta * factor)
         self.upper.step()
-        masking.refresh_masks(self.core, self.cfg.prune.k)
-        return self._stats(loss_t, out, y_t)
+        self._refresh_masks(progress)
+        # train_loss is the upper level's (batch T); lower_loss the lower level's (batch V).
+        return {**self._stats(loss_t, out, y_t), "lower_loss": loss_v.detach() * len(y_v)}

@@ -51,7 +51,8 @@ class BipFused(BipPaper):
         all_reduce_grads(self.theta)
         if sink is not None:
             sink.finish()  # reads layer.weight: must run before the weight step moves it
+        self._clip_score_steps(self.scores, b.beta * factor)
         self.upper.step()
         self.lower.step()
-        masking.refresh_masks(self.core, self.cfg.prune.k)
+        self._refresh_masks(progress)
         return self._stats(loss, out, y)

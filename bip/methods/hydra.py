@@ -15,9 +15,9 @@ class Hydra(Method):
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__(cfg, model)
-        masking.init_scores(model, cfg.prune.score_init)
-        masking.refresh_masks(model, cfg.prune.k)
-        trained = {id(p) for p in masking.score_parameters(model)}
+        self._start_masks(model)
+        self.scores = masking.score_parameters(model)
+        trained = {id(p) for p in self.scores}
         if cfg.prune.train_bn:
             trained |= {id(p) for p in bn_parameters(model)}
         for p in model.parameters():
@@ -28,6 +28,7 @@ class Hydra(Method):
         self.optimizers = {"scores": self.opt}
 
     def step(self, batches, progress):
-        stats = self._sgd_step(self.opt, batches[0], self._lr(progress))
-        masking.refresh_masks(self.core, self.cfg.prune.k)
+        lr = self._lr(progress)
+        stats = self._sgd_step(self.opt, batches[0], lr, before_step=lambda: self._clip_score_steps(self.scores, lr))
+        self._refresh_masks(progress)
         return stats

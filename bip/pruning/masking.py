@@ -69,6 +69,7 @@ class Options:
     skip: tuple[str, ...] = ()
     n: int = 2
     m: int = 4
+    hysteresis: float = 0.0   # a kept weight's |score| counts (1 + h) times in the next ranking
 
 
 class Plan:
@@ -120,6 +121,9 @@ class Plan:
             # Written through a view in the scores' logical shape: the keys are in NCHW order
             # (the tie order) even for channels_last scores (bip.train.compile), with no copy.
             torch.abs(m.scores.detach(), out=key[:n].view(m.scores.shape))
+            if self.options.hysteresis:  # damping: a weight must beat a kept one by a margin
+                k_view = key[:n].view(m.scores.shape)
+                k_view.addcmul_(k_view, m.mask, value=self.options.hysteresis)
         topk.rank_keys_(flat)
         u = len(self.unstructured)
         if u:
@@ -205,7 +209,16 @@ def forget(model: nn.Module) -> None:
 def options_from(prune) -> Options:
     """Options from a PruneConfig."""
     skip = tuple(s for s in prune.skip.split(",") if s) if prune.skip else ()
-    return Options(prune.scope, prune.min_layer_keep, skip, prune.n, prune.m)
+    return Options(prune.scope, prune.min_layer_keep, skip, prune.n, prune.m, prune.hysteresis)
+
+
+def ramp_k(k: float, progress: float, ramp_epochs: float) -> float:
+    """The keep ratio at ``progress`` epochs of a sparsity ramp (prune.ramp_epochs): from 1
+    (dense) to k along Zhu & Gupta's cubic, k_t = k + (1 - k)(1 - t / T)^3, k after T epochs.
+    The mask then keeps exactly keep_count(k_t, N) weights (module docstring)."""
+    if ramp_epochs <= 0 or progress >= ramp_epochs:
+        return k
+    return k + (1.0 - k) * (1.0 - progress / ramp_epochs) ** 3
 
 
 @torch.no_grad()

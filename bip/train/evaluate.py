@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from bip.config import Config
@@ -35,3 +36,31 @@ def evaluate(model, loaders, ranks: Ranks, cfg: Config) -> dict:
                     f"{name}_loss": loss / n})
     model.train()
     return out
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, limit: int, cfg: Config) -> int:
+    """eval.bn_recalibrate: BatchNorm's running statistics re-estimated for the model as it stands
+    (the current mask), as the equal-weight average over ``limit`` training batches in train mode
+    (momentum None); weights, scores and masks are untouched. Returns the examples forwarded."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or limit <= 0:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    was_training, n = model.training, 0
+    model.train()
+    try:
+        for i, (x, _) in enumerate(batches):
+            if i >= limit:
+                break
+            with autocast(cfg, x.device.type):
+                model(x)
+            n += len(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return n

@@ -241,6 +241,8 @@ def _publish_epoch(job: _Run, folder, state: TrainState, row: dict, boundary, lo
     _save(folder, state.to_checkpoint(cfg, job.method), boundary)
     if cfg.run.stage == "pretrain" and epoch == rewind_epoch(cfg):
         folder.save(identity.REWIND, state.to_checkpoint(cfg, job.method))
+    if cfg.eval.select == "best_val" and state.best["epoch"] == epoch:
+        folder.save(identity.BEST, {**final_file(cfg, job.method), "row": row})
     collapse.enforce(row, cfg.prune.on_collapse, f"epoch {epoch}")
 
 
@@ -250,6 +252,8 @@ def _save(folder, ckpt: dict, boundary: StepBoundary) -> None:
 
 
 def _finish(job: _Run, folder, state: TrainState, last: dict, ranks: Ranks, log, elapsed: float) -> dict:
+    if job.cfg.eval.select == "best_val" and state.best["epoch"]:
+        last = _load_best(job, folder, ranks)
     result = report.result(job, state, last, ranks, elapsed)
     mask = report.mask_file(job.cfg, job.model, result["sparsity"]) if masking.masked_layers(job.model) else None
     result = folder.publish(final_file(job.cfg, job.method), result, mask)
@@ -257,6 +261,15 @@ def _finish(job: _Run, folder, state: TrainState, last: dict, ranks: Ranks, log,
         f"kept_fraction {result['sparsity']['kept_fraction']:.4f}" if result["sparsity"] else ""))
     ranks.wait()
     return result
+
+
+def _load_best(job: _Run, folder, ranks: Ranks) -> dict:
+    """eval.select=best_val: the best validation epoch's model (every rank reads the main rank's
+    file) and its metrics row, which result.json then reports."""
+    ranks.barrier()  # the main rank wrote it at the end of that epoch
+    best = checkpoint.load(folder.path / identity.BEST, "best-epoch model")
+    job.model.load_state_dict(best["model"])
+    return best["row"]
 
 
 def _accelerator(cfg: Config):

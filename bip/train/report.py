@@ -12,7 +12,7 @@ from bip.models.accounting import macs_from_positions
 from bip.pruning import collapse, masking
 from bip.train import compute
 from bip.train.distributed import Ranks, reduce_totals
-from bip.train.evaluate import evaluate
+from bip.train.evaluate import evaluate, recalibrate_bn
 from bip.train.state import TrainState
 
 
@@ -22,13 +22,21 @@ def end_epoch(job, state: TrainState, ranks: Ranks, log, started: float | None =
     ``started`` is the time this segment of the epoch began (its time includes the evaluation).
     Reads the masks, so it syncs with the device: epoch ends only."""
     trained = started is not None
-    row = evaluate(job.model, job.loaders, ranks, job.cfg)
+    cfg = job.cfg
+    if cfg.eval.bn_recalibrate:  # the statistics of THIS mask, not an average over the epoch's masks
+        seen = recalibrate_bn(job.model, job.loaders.streams[0].epoch(state.epoch), cfg.eval.bn_recalibrate, cfg)
+        compute.add_step(state.compute, (seen, 0), ranks.world)
+    row = evaluate(job.model, job.loaders, ranks, cfg)
     label = f"epoch {state.epoch + 1}" if trained else "mask"
     if trained:
         state.epoch_time_s += time.time() - started
         totals = reduce_totals(state.totals)  # every rank's shard
         row.update(epoch=state.epoch + 1, step=state.step, time_s=round(state.epoch_time_s, 3),
                    train_loss=_mean(totals, "loss"), train_acc=_mean(totals, "correct"))
+        if "lower_loss" in totals:  # BiP: train_loss is the upper level's, this the lower's
+            row["lower_loss"] = _mean(totals, "lower_loss")
+        if job.method.monitor is not None:
+            row.update(job.method.monitor.epoch_fields())
     row.update(collapse.record(job.method.core, job.loaders.input_shape, label, log.line))
     if trained:
         compute.close_epoch(state.compute, macs_from_positions(job.model, job.positions)["macs_effective"])

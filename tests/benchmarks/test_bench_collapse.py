@@ -6,6 +6,7 @@ run's passes to its ancestors'."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -55,32 +56,41 @@ def test_bip_vs_imp_grid_expands_as_documented(tmp_path):
     from launch.sweep import load_grid
 
     plan = load_grid(REPO / "configs/grids/digits_bip_vs_imp.yml", tmp_path)
-    assert plan.cells == 32
-    assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 2, "prune": 24 + 2 * 21, "finetune": 16}
-    epochs = {(r.cfg.prune.method, r.cfg.train.epochs) for r in plan.runs["prune"]}
-    assert epochs == {("bip", 2), ("hydra", 2), ("omp", 1), ("imp", 1)}  # imp: 1 per round, 21 rounds
+    assert plan.cells == 7 * 4 * 3
+    # prune: (bip, bip+clip, hydra, hydra+clip, omp, random) x 4 k x 3 seeds + 21 IMP rounds per seed
+    assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 3, "prune": 6 * 12 + 3 * 21, "finetune": 4 * 12}
+    epochs = {(r.cfg.prune.method, r.cfg.prune.score_step_clip, r.cfg.train.epochs) for r in plan.runs["prune"]}
+    assert epochs == {("bip", 0, 10), ("bip", 0.01, 10), ("hydra", 0, 10), ("hydra", 0.01, 10),
+                      ("omp", 0, 10), ("random", 0, 10), ("imp", 0, 3)}
     assert {r.cfg.prune.min_layer_keep for r in plan.runs["prune"]} == {10}
-    assert {(r.cfg.train.epochs, r.cfg.train.rewind_epoch) for r in plan.runs["pretrain"]} == {(15, 15)}
+    assert {r.cfg.train.epochs for r in plan.runs["finetune"]} == {10}  # the same budget for every finetune
+    assert {(r.cfg.train.epochs, r.cfg.train.rewind_epoch) for r in plan.runs["pretrain"]} == {(20, 20)}
 
 
-def test_bip_vs_imp_counts_lineage_passes():
+def test_bip_vs_imp_pairs_each_arm_with_its_final_model():
     bench = _module("bip_vs_imp")
-    rows = [  # run_id, parent_id, stage, method, epochs
-        ("pre", "", "pretrain", "dense", 15), ("b", "pre", "prune", "bip", 2),
-        ("h", "pre", "prune", "hydra", 2), ("hf", "h", "finetune", "hydra", 1),
-        ("o", "pre", "prune", "omp", 0), ("i", "pre", "prune", "imp", 21)]
-    df = pd.DataFrame([dict(run_id=r, parent_id=p, stage=s, method=m, epochs=e, seed=1, **{"bip.variant": "paper"})
-                       for r, p, s, m, e in rows])
-    got = bench.lineage_passes(df)
-    assert got == {("pre", 1): 15, ("b", 1): 19, ("h", 1): 17, ("hf", 1): 18, ("o", 1): 15, ("i", 1): 36}
-    df.loc[df["run_id"] == "b", "bip.variant"] = "reference"
-    with pytest.raises(SystemExit):
-        bench.lineage_passes(df)
+    clip = json.dumps({"prune.score_step_clip": 0.01})
+    rows = [  # run_id, parent_id, stage, method, k, hashed, acc, lineage passes
+        ("pre", "", "pretrain", "dense", 1.0, "", 98.0, 20), ("b", "pre", "prune", "bip", 0.1, "", 90.0, 40),
+        ("bc", "pre", "prune", "bip", 0.1, clip, 95.0, 40), ("h", "pre", "prune", "hydra", 0.1, "", 10.0, 30),
+        ("hf", "h", "finetune", "hydra", 0.1, "", 80.0, 40), ("o", "pre", "prune", "omp", 0.1, "", 9.0, 20),
+        ("of", "o", "finetune", "omp", 0.1, "", 85.0, 30)]
+    df = pd.DataFrame([dict(run_id=r, parent_id=p, stage=s, method=m, k=k, hashed=h, seed=1, status="done",
+                            test_acc_at_best_val=a, lineage_train_passes=c) for r, p, s, m, k, h, a, c in rows])
+    df["fixed"] = [bool(h) for h in df["hashed"]]
+    fin = bench.final_rows(df)
+    assert {key: r["run_id"] for key, r in fin.items()} == {
+        ("bip", False, 0.1, 1): "b", ("bip", True, 0.1, 1): "bc", ("hydra", False, 0.1, 1): "hf",
+        ("omp", False, 0.1, 1): "of"}
+    points, lines = bench.report(df)
+    assert points[(("omp", False), 0.1)] == (85.0, 0.0, 30.0)  # the finetune's accuracy and lineage
+    assert any(line.startswith("| BiP + clip - OMP + ft | +10.0") for line in lines)
 
 
 def test_bip_vs_imp_answers_a_requested_k_with_the_first_imp_round_below_it():
     bench = _module("bip_vs_imp")
     rounds = {("imp", round(0.8 ** r, 12), 1): f"round {r}" for r in range(1, 12)}
-    got = bench._imp_at_requested_k({("bip", 0.1, 1): "bip", ("bip", 0.512, 1): "bip", **rounds})
-    assert got == {("bip", 0.1, 1): "bip", ("bip", 0.512, 1): "bip",
-                   ("imp", 0.1, 1): "round 11", ("imp", 0.512, 1): "round 3"}
+    rounds = {("imp", False, k, s): v for (_, k, s), v in rounds.items()}
+    got = bench._imp_at_requested_k({("bip", False, 0.1, 1): "bip", ("bip", True, 0.512, 1): "bip", **rounds})
+    assert got == {("bip", False, 0.1, 1): "bip", ("bip", True, 0.512, 1): "bip",
+                   ("imp", False, 0.1, 1): "round 11", ("imp", False, 0.512, 1): "round 3"}

@@ -51,6 +51,7 @@ def test_step_is_sync_free(method, layer_type):
     ("bip", ["prune.min_layer_keep=0.01", "prune.skip=first,classifier"]),
     ("bip-fused", ["prune.min_layer_keep=0.01", "prune.skip=first,classifier"]),
     ("bip-reference", ["prune.min_layer_keep=2"]),
-])
+] + [(m, ["run.diagnostics=step", "prune.score_step_clip=0.01", "prune.hysteresis=0.1",
+          "prune.refresh_every=2", "prune.ramp_epochs=1"]) for m in ("hydra", "bip", "bip-fused")])
 def test_budget_options_are_sync_free(method, extra):
     assert syncs_per_step(method, "unstructured", extra) == []
