@@ -296,7 +296,10 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
     except Exception as err:  # noqa: BLE001 - the training result stands; say what went wrong
         log(traceback.format_exc(limit=4))
         doc = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-        write_json(run_dir / identity.EXPORT, doc)
+        try:
+            write_json(run_dir / identity.EXPORT, doc)
+        except OSError as again:  # the disk that failed the export (full, read-only)
+            log(f"{identity.EXPORT} not written: {again}")
         return doc
 
 

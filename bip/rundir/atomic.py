@@ -2,6 +2,8 @@
 
 Every file a crash could truncate is written to a temporary sibling and renamed over the
 target (os.replace is atomic on POSIX): readers see the old file or the new one, never half.
+A write that fails removes its temporary file, and a full, read-only or over-quota disk is a
+one-line DiskError naming the target (bip/rundir/diskerror.py).
 """
 from __future__ import annotations
 
@@ -11,25 +13,59 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bip.rundir.diskerror import disk_error
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class _Recording:
+    """The temporary file as the writer sees it: every call passes through, and the first
+    OSError of a write or flush is kept, because torch.save replaces it with a RuntimeError
+    ("unexpected pos") that no longer says the disk is full."""
+
+    def __init__(self, file):
+        self._file, self.error = file, None
+
+    def write(self, data):
+        return self._kept(self._file.write, data)
+
+    def flush(self):
+        return self._kept(self._file.flush)
+
+    def _kept(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary sibling of ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path, tmp, recording = Path(path), None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: teammates must read results too
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recording = _Recording(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass  # read-only now: the next start removes it (bip.rundir.folder.claim)
+        found = (recording and recording.error and disk_error(recording.error, path)) or disk_error(err, path)
+        if found is not None:
+            raise found from None
         raise
 
 

@@ -33,6 +33,7 @@ import yaml
 from bip.config import identity
 from bip.errors import BipError
 from bip.rundir.atomic import write_json, write_text
+from bip.rundir.diskerror import writing
 from bip.rundir.lease import Lease, LeaseHeld, lease_live, owner_line, read_owner, takeover_reason
 
 CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
@@ -177,7 +178,8 @@ class RunFolder:
         """Main rank: take the lease, then set aside damaged outputs and remove temp files of
         killed writes. Returns the result if another trainer finished the run meanwhile."""
         lease = Lease(self.path, self.stale_s)
-        lease.acquire()
+        with writing(self.path / identity.OWNER):  # a full or read-only disk: one line
+            lease.acquire()
         self.lease, self.owned = lease, True
         found = inspect(self.path)
         if found.state == "done":
@@ -302,6 +304,9 @@ def record_setup_error(run_dir: Path, err: BaseException) -> bool:
     found = inspect(run_dir)
     if found.state not in ("waiting",) or lease_live(found.owner):
         return False
-    write_json(Path(run_dir) / identity.ERROR, {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                                                "rank": 0, "time": time.time(), "host": socket.gethostname()})
+    try:
+        write_json(Path(run_dir) / identity.ERROR, {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                                    "rank": 0, "time": time.time(), "host": socket.gethostname()})
+    except OSError:  # a full or read-only disk (often the error itself): the job log says it
+        return False
     return True

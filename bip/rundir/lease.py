@@ -174,10 +174,14 @@ class Lease:
         """Create owner.json exclusively and whole: written to a temp file, then hard-linked
         (link fails if the name exists), so a kill never leaves a half-written lease."""
         tmp = self.path.with_name(f".{identity.OWNER}.{record['token'][:12]}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(record, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(record, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a full disk: leave no temp file behind
+            tmp.unlink(missing_ok=True)
+            raise
         try:
             os.link(tmp, self.path)
             return True
@@ -235,5 +239,8 @@ class Lease:
         token = self.record.get("token")
         owner = read_owner(self.path) if token else None
         if owner is not None and owner.get("token") == token:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: the lease is free anyway once this pid is gone
+                pass
         _HELD.discard(token)

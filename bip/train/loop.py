@@ -27,7 +27,7 @@ from bip.methods.registry import create_method
 from bip.models import create_model, model_builder, model_options
 from bip.models.accounting import layer_positions
 from bip.pruning import collapse, masking
-from bip.rundir import checkpoint
+from bip.rundir import checkpoint, diskerror
 from bip.rundir import folder as runfolder
 from bip.rundir.boundary import Action, Interrupted, StepBoundary, stop_reason
 from bip.rundir.origin import own_git_state, slurm_job_id
@@ -59,6 +59,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
     ranks = Ranks(_accelerator(cfg))
     folder.main = ranks.main
     job = _build(cfg, run_dir, ranks)
+    created = diskerror.new_folders(run_dir) if ranks.main else []
     try:
         done = _claim(folder, ranks)
         if done is not None:
@@ -73,6 +74,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
         raise
     finally:
         job.tracker.close()
+        diskerror.remove_unstarted(folder, created)  # a start that could not even write config.yaml
         folder.release()
 
 
@@ -120,16 +122,20 @@ def _build(cfg: Config, run_dir: Path, ranks: Ranks) -> _Run:
 
 def _claim(folder: runfolder.RunFolder, ranks: Ranks) -> dict | None:
     """The main rank takes the lease; every rank learns the outcome (one broadcast at start)."""
-    outcome = ("ok", None)
+    outcome, failed = ("ok", None), None
     if ranks.main:
         try:
             done = folder.claim()
             outcome = ("done", done) if done is not None else ("ok", None)
+        except diskerror.DiskError as err:  # not "busy": a launcher job waits for a busy folder
+            outcome, failed = ("disk", str(err)), err
         except BipError as err:
             outcome = ("busy", str(err))
     outcome = ranks.broadcast(outcome)
     if outcome[0] == "busy":
         raise runfolder.LeaseHeld(outcome[1])
+    if outcome[0] == "disk":
+        raise failed or diskerror.DiskError(outcome[1])
     folder.owned = True  # by this run (the main rank holds the lease)
     return outcome[1]
 
@@ -144,6 +150,8 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Run, ranks: Ranks) 
             ckpt = checkpoint.load(own, "checkpoint")
         except BipError:
             folder.set_aside(identity.CHECKPOINT)
+        if ckpt is not None and _rewind_lost(cfg, folder, ckpt):
+            ckpt = None
     state = TrainState()
     if ranks.broadcast(ckpt is not None):
         ckpt = ckpt if ckpt is not None else checkpoint.load(own, "checkpoint")
@@ -160,6 +168,25 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Run, ranks: Ranks) 
             f"resuming from {state.resumed_from}: epoch {state.epoch + 1}, step "
             f"{state.step_in_epoch} of the epoch (global step {state.step})")
     return state
+
+
+def _rewind_lost(cfg: Config, folder: runfolder.RunFolder, ckpt: dict) -> bool:
+    """A pretrain checkpoint past its rewind epoch without rewind.pt: older bip saved the epoch's
+    checkpoint before rewind.pt, so a full disk could lose the rewind state for good. Only a
+    run from the start computes it again exactly; the checkpoint stays until the first save."""
+    if cfg.run.stage != "pretrain" or (folder.path / identity.REWIND).is_file():
+        return False
+    try:
+        epoch, step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
+    except (KeyError, TypeError, ValueError):
+        return False  # TrainState.from_checkpoint says what is wrong with it
+    if (epoch, step) <= (rewind_epoch(cfg), 0):
+        return False
+    report.Progress(folder.main, 1).line(
+        f"{folder.path / identity.CHECKPOINT} is past the rewind epoch {rewind_epoch(cfg)} but "
+        f"{identity.REWIND} is missing (an earlier write failed): training again from the start "
+        f"to write it")
+    return True
 
 
 def _start_entry(cfg: Config, state: TrainState) -> dict:
@@ -188,6 +215,10 @@ def _train(job: _Run, folder: runfolder.RunFolder, state: TrainState, ranks: Ran
     def check_guard() -> None:  # never checkpoint a diverged state
         state.nonfinite_steps = guard.check(state.epoch)
     boundary = StepBoundary(folder, cfg.train.checkpoint_every_min, ranks.world, check_guard)
+    if _at_rewind(cfg, state):  # resumed at the rewind point (or rewind_epoch=0): write it if missing
+        rewind = state.to_checkpoint(cfg, method)  # every rank: it may reduce the running sums
+        if not (folder.path / identity.REWIND).is_file():
+            folder.save(identity.REWIND, rewind)
     last = None
     for epoch in range(state.epoch, epochs):
         t0, first = time.time(), state.step_in_epoch
@@ -231,19 +262,28 @@ def _train(job: _Run, folder: runfolder.RunFolder, state: TrainState, ranks: Ran
 
 
 def _publish_epoch(job: _Run, folder, state: TrainState, row: dict, boundary, log, epochs: int) -> None:
-    """An epoch's outputs: its metrics line, the epoch checkpoint (and the rewind point of a
-    pretrain), then the collapse policy."""
+    """An epoch's outputs: its metrics line, the rewind point of a pretrain, the epoch
+    checkpoint, then the collapse policy. rewind.pt comes before the checkpoint: while it is
+    not written (a full disk), the checkpoint stays before the rewind epoch, so the resumed
+    run trains to it again and writes it."""
     cfg, epoch = job.cfg, state.epoch
     if folder.main:
         report.append_metrics(folder.path / identity.METRICS, row)
         job.tracker.log(row, epoch)
         log.line(f"epoch {epoch}/{epochs} " + report.summary(row))
-    _save(folder, state.to_checkpoint(cfg, job.method), boundary)
-    if cfg.run.stage == "pretrain" and epoch == rewind_epoch(cfg):
-        folder.save(identity.REWIND, state.to_checkpoint(cfg, job.method))
+    ckpt = state.to_checkpoint(cfg, job.method)
+    if _at_rewind(cfg, state):
+        folder.save(identity.REWIND, ckpt)
+    # Before the checkpoint, like rewind.pt: a checkpoint past this epoch implies its best.pt.
     if cfg.eval.select == "best_val" and state.best["epoch"] == epoch:
         folder.save(identity.BEST, {**final_file(cfg, job.method), "row": row})
+    _save(folder, ckpt, boundary)
     collapse.enforce(row, cfg.prune.on_collapse, f"epoch {epoch}")
+
+
+def _at_rewind(cfg: Config, state: TrainState) -> bool:
+    """The state stands at the end of a pretrain's rewind epoch (the state rewind.pt holds)."""
+    return cfg.run.stage == "pretrain" and state.step_in_epoch == 0 and state.epoch == rewind_epoch(cfg)
 
 
 def _save(folder, ckpt: dict, boundary: StepBoundary) -> None:
