@@ -60,10 +60,10 @@ def test_bip_vs_imp_grid_expands_as_documented(tmp_path):
     # prune: (bip, bip+clip, hydra, hydra+clip, omp, random) x 4 k x 3 seeds + 21 IMP rounds per seed
     assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 3, "prune": 6 * 12 + 3 * 21, "finetune": 4 * 12}
     epochs = {(r.cfg.prune.method, r.cfg.prune.score_step_clip, r.cfg.train.epochs) for r in plan.runs["prune"]}
-    assert epochs == {("bip", 0, 10), ("bip", 0.01, 10), ("hydra", 0, 10), ("hydra", 0.01, 10),
-                      ("omp", 0, 10), ("random", 0, 10), ("imp", 0, 3)}
+    assert epochs == {("bip", 0, 5), ("bip", 0.01, 5), ("hydra", 0, 5), ("hydra", 0.01, 5),
+                      ("omp", 0, 5), ("random", 0, 5), ("imp", 0, 2)}
     assert {r.cfg.prune.min_layer_keep for r in plan.runs["prune"]} == {10}
-    assert {r.cfg.train.epochs for r in plan.runs["finetune"]} == {10}  # the same budget for every finetune
+    assert {r.cfg.train.epochs for r in plan.runs["finetune"]} == {5}  # the same budget for every finetune
     assert {(r.cfg.train.epochs, r.cfg.train.rewind_epoch) for r in plan.runs["pretrain"]} == {(20, 20)}
 
 
