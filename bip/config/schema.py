@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
 
 
 from bip.errors import BipError
-from bip.config.names import check_name, check_root_text
+from bip.config.names import canonical_skip, check_name, check_root_text
 
 STAGES = ("pretrain", "prune", "finetune")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
@@ -280,6 +280,10 @@ class Config:
             raise BipError(f"pretrain trains a dense model: layer_type must be dense, got {layer_type}")
         if stage != "pretrain" and layer_type == "dense":
             raise BipError(f"stage {stage} needs a pruned layer type (unstructured, filter, channel or nm)")
+        # One spelling per set of layers (one model, one run id): needs the arch, so here.
+        skip = canonical_skip(self.model.arch, self.prune.skip)
+        if skip != self.prune.skip:
+            object.__setattr__(self, "prune", replace(self.prune, skip=skip))
 
     @property
     def method_label(self) -> str:

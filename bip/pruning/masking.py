@@ -215,6 +215,12 @@ def configure(model: nn.Module, prune) -> Plan:
     options = options_from(prune)
     layers = dict(masked_layers(model))
     skipped = resolve_skip(model, options.skip)
+    spelling = skip_spelling(model, skipped)
+    if spelling != ",".join(sorted(set(options.skip))):
+        # bip.config.names.canonical_skip gives built-in archs this spelling before their run id
+        # is computed; a tv:/timm: model's ends are only known here, so its config must use it.
+        raise BipError(f"prune.skip={prune.skip!r} selects the layers that prune.skip={spelling!r} "
+                       "names: write it that way (one spelling per model keeps one run id)")
     for name, m in layers.items():
         m.nm = (options.n, options.m)
         m.prunable = name not in skipped
@@ -245,6 +251,15 @@ def resolve_skip(model: nn.Module, skip: tuple[str, ...]) -> set[str]:
             raise BipError(f"prune.skip: no conv or linear layer named {entry!r}; use first, last, "
                            f"classifier or a layer name ({shown})")
     return out
+
+
+def skip_spelling(model: nn.Module, selected: set[str]) -> str:
+    """The canonical ``prune.skip`` text of a set of layer names (bip.config.names.canonical_skip,
+    which knows the built-in models' ends): ``first`` and ``classifier`` for the first and last
+    conv / linear layer, module names otherwise, sorted."""
+    convs = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ends = {convs[-1]: "classifier", convs[0]: "first"} if convs else {}  # one layer: first
+    return ",".join(sorted({ends.get(name, name) for name in selected}))
 
 
 def refresh_masks(model: nn.Module, k: float, rule: str = "nearest") -> None:
