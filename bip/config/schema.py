@@ -118,7 +118,8 @@ class PruneConfig:
         _check_choice("prune.layer_type", self.layer_type, LAYER_TYPES)
         _check_choice("prune.score_init", self.score_init, SCORE_INITS)
         _check_range("prune.k", self.k, 0.0, 1.0, low_open=True)
-        _check_range("prune.imp_rate", self.imp_rate, 0.0, 1.0, low_open=True)
+        # A rate of 1 prunes everything in one round: no density (1 - rate)^r to reach.
+        _check_range("prune.imp_rate", self.imp_rate, 0.0, 1.0, low_open=True, high_open=True)
         _check_choice("prune.scope", self.scope, ("global", "layer"))
         _check_choice("prune.on_collapse", self.on_collapse, ("warn", "fail"))
         floor = self.min_layer_keep

@@ -226,6 +226,12 @@ def configure(model: nn.Module, prune) -> Plan:
         m.prunable = name not in skipped
         if not m.is_pruned:
             m.mask.fill_(True)
+    nm = [m for m in layers.values() if m.granularity == "nm" and m.prunable]
+    if nm and not any(m.is_pruned for m in nm):  # every layer dense: nothing to prune (k would lie)
+        sizes = sorted({m.weight.shape[1] for m in nm})
+        shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+        raise BipError(f"prune.m={options.m} leaves every layer dense: no layer's input size ({shown}) "
+                       f"is a multiple of m; choose an m that divides them")
     p = _PLANS[model] = Plan(model, options)
     budget = keep_count(prune.k, p.n_unstructured)
     if options.scope == "global" and sum(p.floors) > budget:
@@ -346,7 +352,8 @@ def sparsity_report(model: nn.Module) -> dict:
     ``kept_fraction`` counts units of the pruned layers (weights for unstructured / nm,
     filters/channels for structured) and is what k controls; ``weight_kept_fraction`` counts
     weights over ALL conv and linear layers, dense ones included. ``dense_layers``: masked-type
-    layers left dense (prune.skip, or an nm layer whose input is not a multiple of M) and why.
+    layers left dense (prune.skip, or an nm layer whose input is not a multiple of M) and why;
+    ``nm_uncovered_params`` (nm runs): the weights of the latter, which the N:M pattern leaves dense.
     """
     per_layer, dense, units_kept, units_total = {}, {}, 0, 0
     masked_ids = set()
@@ -369,10 +376,14 @@ def sparsity_report(model: nn.Module) -> dict:
             n = m.weight.numel()
             weights_total += n
             weights_kept += int(m.mask.count_nonzero()) if id(m) in masked_ids else n
-    return {
+    out = {
         "kept": units_kept, "total": units_total,
         "kept_fraction": units_kept / units_total if units_total else 1.0,
         "weights_kept": weights_kept, "weights_total": weights_total,
         "weight_kept_fraction": weights_kept / weights_total if weights_total else 1.0,
         "dense_layers": dense, "layers": per_layer,
     }
+    nm = [m for _, m in masked_layers(model) if m.granularity == "nm"]
+    if nm:  # weights the N:M pattern could not cover (dense for want of input size, not skipped)
+        out["nm_uncovered_params"] = sum(m.weight.numel() for m in nm if m.prunable and not m.is_pruned)
+    return out

@@ -37,7 +37,7 @@ from bip.train.compile import prepare_model
 from bip.train.distributed import Ranks, check_checkpoint, check_processes, sync_batchnorm
 from bip.train.nonfinite import NonFiniteGuard
 from bip.train.sources import load_source, model_input, parent_result, rewind_epoch, source_path
-from bip.train.state import TrainState, final_file, seed_checkpoint
+from bip.train.state import TrainState, final_file, resume_file, seed_checkpoint
 
 Hook = Callable[[str, dict], None]
 
@@ -52,13 +52,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
     launch/job.py) checkpoints at the next step boundary and raises Interrupted."""
     run_dir = Path(run_dir) if run_dir is not None else identity.run_dir(cfg)
     folder = runfolder.RunFolder(run_dir, cfg.run.lease_stale_min)
+    # A bad --resume is an error even where the run is done: the command asked for something wrong.
+    seed_ckpt = seed_checkpoint(cfg) if cfg.run.resume else None
     done = folder.done_result()
     if done is not None:
         return done
     folder.check_free()
     ranks = Ranks(_accelerator(cfg))
     folder.main = ranks.main
-    job = _build(cfg, run_dir, ranks)
+    job = _build(cfg, run_dir, ranks, seed_ckpt)
     try:
         done = _claim(folder, ranks)
         if done is not None:
@@ -86,7 +88,7 @@ class _Run:
         self.positions = layer_positions(model, loaders.input_shape)  # for the MACs of each epoch
 
 
-def _build(cfg: Config, run_dir: Path, ranks: Ranks) -> _Run:
+def _build(cfg: Config, run_dir: Path, ranks: Ranks, resume: dict | None) -> _Run:
     check_processes(cfg, ranks.world)
     seed_everything(cfg.run.seed, cfg.train.deterministic)
     # Cheap checks first: a typo should not wait for the dataset to load.
@@ -94,7 +96,7 @@ def _build(cfg: Config, run_dir: Path, ranks: Ranks) -> _Run:
     tracking.check(cfg)
     source = source_path(cfg, Path(cfg.run.result_dir))
     own = (run_dir / identity.CHECKPOINT).is_file()
-    seed_ckpt = seed_checkpoint(cfg) if cfg.run.resume and not own else None
+    seed_ckpt = resume if not own else None  # the folder's own checkpoint comes first
     # ffcv brings its own images: only the dataset's description is needed (no raw files).
     spec = (describe_dataset if cfg.data.loader == "ffcv" else load_dataset)(cfg.data, cfg.model.num_classes)
     spec = model_input(cfg, spec)
@@ -151,7 +153,7 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Run, ranks: Ranks) 
         state = TrainState.from_checkpoint(ckpt, own, job.method)
         state.resumed_from = identity.CHECKPOINT
     elif job.seed_ckpt is not None:
-        state = TrainState.from_checkpoint(job.seed_ckpt, Path(cfg.run.resume), job.method)
+        state = TrainState.from_checkpoint(job.seed_ckpt, resume_file(cfg.run.resume), job.method)
         state.resumed_from = cfg.run.resume
     if not ranks.main:  # the saved sums are all ranks': the main rank carries them
         state.totals = {}
