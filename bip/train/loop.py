@@ -52,15 +52,18 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
     launch/job.py) checkpoints at the next step boundary and raises Interrupted."""
     run_dir = Path(run_dir) if run_dir is not None else identity.run_dir(cfg)
     folder = runfolder.RunFolder(run_dir, cfg.run.lease_stale_min)
-    # A bad --resume is an error even where the run is done: the command asked for something wrong.
-    seed_ckpt = seed_checkpoint(cfg) if cfg.run.resume else None
+    # What kind of thing --resume names is checked before the done shortcut (a folder without a
+    # checkpoint is a wrong command whatever this run's state); its content only where it seeds
+    # the run: a folder with its own checkpoint (a done run keeps it) resumes from that instead.
+    if cfg.run.resume:
+        resume_file(cfg.run.resume)
     done = folder.done_result()
     if done is not None:
         return done
     folder.check_free()
     ranks = Ranks(_accelerator(cfg))
     folder.main = ranks.main
-    job = _build(cfg, run_dir, ranks, seed_ckpt)
+    job = _build(cfg, run_dir, ranks)
     try:
         done = _claim(folder, ranks)
         if done is not None:
@@ -88,7 +91,7 @@ class _Run:
         self.positions = layer_positions(model, loaders.input_shape)  # for the MACs of each epoch
 
 
-def _build(cfg: Config, run_dir: Path, ranks: Ranks, resume: dict | None) -> _Run:
+def _build(cfg: Config, run_dir: Path, ranks: Ranks) -> _Run:
     check_processes(cfg, ranks.world)
     seed_everything(cfg.run.seed, cfg.train.deterministic)
     # Cheap checks first: a typo should not wait for the dataset to load.
@@ -96,7 +99,7 @@ def _build(cfg: Config, run_dir: Path, ranks: Ranks, resume: dict | None) -> _Ru
     tracking.check(cfg)
     source = source_path(cfg, Path(cfg.run.result_dir))
     own = (run_dir / identity.CHECKPOINT).is_file()
-    seed_ckpt = resume if not own else None  # the folder's own checkpoint comes first
+    seed_ckpt = seed_checkpoint(cfg) if cfg.run.resume and not own else None
     # ffcv brings its own images: only the dataset's description is needed (no raw files).
     spec = (describe_dataset if cfg.data.loader == "ffcv" else load_dataset)(cfg.data, cfg.model.num_classes)
     spec = model_input(cfg, spec)
