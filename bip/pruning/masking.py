@@ -214,13 +214,7 @@ def configure(model: nn.Module, prune) -> Plan:
     sizes) and cache its plan. Layers left dense get an all-ones mask and never change."""
     options = options_from(prune)
     layers = dict(masked_layers(model))
-    skipped = resolve_skip(model, options.skip)
-    spelling = skip_spelling(model, skipped)
-    if spelling != ",".join(sorted(set(options.skip))):
-        # bip.config.names.canonical_skip gives built-in archs this spelling before their run id
-        # is computed; a tv:/timm: model's ends are only known here, so its config must use it.
-        raise BipError(f"prune.skip={prune.skip!r} selects the layers that prune.skip={spelling!r} "
-                       "names: write it that way (one spelling per model keeps one run id)")
+    skipped = skipped_layers(model, options.skip)
     for name, m in layers.items():
         m.nm = (options.n, options.m)
         m.prunable = name not in skipped
@@ -257,6 +251,18 @@ def resolve_skip(model: nn.Module, skip: tuple[str, ...]) -> set[str]:
             raise BipError(f"prune.skip: no conv or linear layer named {entry!r}; use first, last, "
                            f"classifier or a layer name ({shown})")
     return out
+
+
+def skipped_layers(model: nn.Module, skip: tuple[str, ...]) -> set[str]:
+    """``resolve_skip``, refusing a spelling other than the canonical one (``skip_spelling``):
+    bip.config.names.canonical_skip gives built-in archs that spelling before their run id is
+    computed; a tv:/timm: model's ends are only known once it is built, so its config must use it."""
+    skipped = resolve_skip(model, skip)
+    spelling = skip_spelling(model, skipped)
+    if spelling != ",".join(sorted(set(skip))):
+        raise BipError(f"prune.skip={','.join(skip)!r} selects the layers that prune.skip={spelling!r} "
+                       "names: write it that way (one spelling per model keeps one run id)")
+    return skipped
 
 
 def skip_spelling(model: nn.Module, selected: set[str]) -> str:

@@ -64,3 +64,23 @@ def test_a_zoo_model_must_use_the_canonical_spelling():
     with pytest.raises(BipError, match="prune.skip='fc' selects the layers that prune.skip='classifier'"):
         masking.configure(model, PruneConfig(layer_type="unstructured", k=0.5, skip="fc"))
     masking.configure(model, PruneConfig(layer_type="unstructured", k=0.5, skip="classifier"))
+
+
+@pytest.mark.parametrize("skip, ok", [("fc", False), ("classifier", True)])
+def test_a_grid_dry_run_checks_a_zoo_models_spelling(tmp_path, capsys, skip, ok):
+    import yaml
+
+    from launch.grid import main as grid_main
+    from tests.helpers import one_error_line
+    grid = tmp_path / "grid.yml"
+    grid.write_text(yaml.safe_dump({
+        "name": "g", "profile": "local", "set": {"dataset": "synthetic", "arch": "tv:resnet18"},
+        "stages": {"pretrain": {}, "prune": {"set": {"layer_type": "unstructured", "prune.skip": skip}}},
+        "axes": {"method": ["hydra"], "k": [0.5], "seed": [1]}}))
+    code = grid_main([str(grid), "--dry-run", "--root", str(tmp_path / "runs")])
+    if ok:
+        assert code == 0, capsys.readouterr().err
+    else:
+        assert code == 2
+        one_error_line(capsys, "grid g: tv:resnet18: prune.skip='fc' selects the layers that "
+                               "prune.skip='classifier' names")
