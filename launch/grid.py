@@ -203,6 +203,15 @@ def check_names(plan: sweep.Plan) -> list[str]:
                 model_builder(arch)
         except BipError as err:
             problems.append(f"grid {plan.name}: {err}")
+    # A zoo model's prune.skip spelling is only checkable on the built model (bip.config.names).
+    zoo = {(r.cfg.model, r.cfg.prune.layer_type, r.cfg.prune.skip) for r in plan.all_runs()
+           if r.cfg.prune.skip and r.stage == "prune" and r.cfg.model.arch.startswith(names.ZOO_PREFIXES)}
+    for model, layer_type, skip in sorted(zoo, key=repr):
+        from bip.models import check_skip
+        try:
+            check_skip(model, layer_type, skip)
+        except BipError as err:
+            problems.append(f"grid {plan.name}: {model.arch}: {err}")
     return problems
 
 

@@ -28,3 +28,21 @@ def method_config(method: str, layer_type: str, extra=()):
     return load_config([], ["run.stage=prune", f"prune.layer_type={layer_type}", f"prune.method={name}",
                             f"bip.variant={variant or 'paper'}", "prune.score_init=magnitude",
                             "train.epochs=2", *([] if layer_type == "nm" else ["prune.k=0.3"]), *extra])
+
+
+def one_error_line(capsys, message: str) -> str:
+    """The command printed exactly one stderr line, ``error: ...`` holding ``message``, and no
+    traceback (the project's rule for bad input); returns it."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(root) -> dict:
+    """{relative path: bytes} of every file under ``root`` (folders as b'<dir>')."""
+    from pathlib import Path
+    root = Path(root)
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(root.rglob("*"))}

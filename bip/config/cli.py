@@ -29,7 +29,7 @@ def argument_parser(prog: str = "bip-train") -> argparse.ArgumentParser:
                    help="YAML preset(s), applied in order (e.g. configs/CIFAR10/bip.yml)")
     for flag, meta in [("--exp-mode", "pretrain|prune|finetune"), ("--trainer", "base|bilevel"),
                        ("--dataset", None), ("--k", "KEPT_FRACTION"), ("--source-net", "CKPT"),
-                       ("--arch", None), ("--resume", "CKPT"), ("--layer-type", None),
+                       ("--arch", None), ("--resume", "CKPT|RUN_DIR"), ("--layer-type", None),
                        ("--seed", None), ("--exp-name", None), ("--epochs", None),
                        ("--batch-size", None), ("--lr", None), ("--result-dir", "DIR"),
                        ("--data-dir", "DIR")]:

@@ -65,12 +65,13 @@ def _unused(cfg: Config) -> set[str]:
     # it was, N > 1 gives the run of global batch data.batch_size x N its own id. sync_bn only
     # acts under DDP.
     world = {"train.sync_bn"} if cfg.train.world_size == 1 else set()
+    nm = {"prune.n", "prune.m"} if cfg.prune.layer_type != "nm" else set()  # N:M masks' group shape
     if stage == "pretrain":
         return {"prune.*", "bip.*", "eval.select"} | world
     if stage == "finetune":
         return {"bip.*", "prune.method", "prune.score_init", "prune.train_bn", "prune.imp_rate",
-                "prune.variant", *SCORE_DYNAMICS} | world
-    unused = world
+                "prune.variant", *SCORE_DYNAMICS} | world | nm
+    unused = world | nm
     if method != "bip":
         unused.add("bip.*")
     if method != "hydra":

@@ -32,6 +32,41 @@ def flatten_yaml(data: Any, origin: str) -> list[tuple[str, Any, str]]:
     return out
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping that gives one key twice (PyYAML keeps the last silently)."""
+
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"duplicate key {key!r} (lines {first} and {second})")
+        self.key, self.lines = key, (first, second)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: in a config, grid or
+    profile the second value would silently win. Merge keys (``<<: *base``) may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str | bytes) -> Any:
+    """yaml.safe_load that refuses duplicate keys (every YAML bip and launch read goes here)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -43,7 +78,9 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError as err:
         raise BipError(f"{path}: not UTF-8 text (byte {err.start}); a YAML file is expected") from None
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
+    except DuplicateKey as err:
+        raise BipError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

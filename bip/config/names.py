@@ -83,6 +83,11 @@ MODELS = frozenset({
     "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",  # vgg.py
     "wrn_28_10", "wrn_28_4", "wrn_34_10", "wrn_40_2",                          # wide_resnet.py
 })
+# The first and last conv / linear module of each built-in model (named_modules order): what
+# prune.skip's aliases select, so a config can be canonicalised without building the model
+# (tests/config/test_skip_ids.py checks them against the built models).
+LAYER_ENDS = {name: ("features.0", "classifier") if name.startswith("vgg") else ("conv1", "fc")
+              for name in MODELS}
 DATASETS = frozenset({"CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "ImageNetOrigin", "digits",
                       "synthetic"})
 ZOO_PREFIXES = ("tv:", "timm:")  # archs of another model zoo (bip.models.external builds them)
@@ -108,3 +113,23 @@ def check_arch(arch: str) -> None:
 def check_dataset(dataset: str) -> None:
     if dataset not in DATASETS:
         raise BipError(f"unknown dataset {dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+
+
+# prune.skip's aliases: ``first`` is the first conv or linear layer, ``last`` = ``classifier`` the
+# last one (bip.pruning.masking.resolve_skip). The canonical spelling names each selected layer by
+# one token: ``first`` / ``classifier`` for the two ends (the documented spellings, so their run
+# ids stay those of earlier releases), the module name otherwise; sorted, without repeats.
+SKIP_FIRST, SKIP_LAST = "first", ("last", "classifier")
+
+
+def canonical_skip(arch: str, skip: str) -> str:
+    """``prune.skip`` spelled canonically for a built-in ``arch`` (``conv1``, ``first`` and
+    ``first,conv1`` are all ``first`` on resnet20s); a zoo arch's ends are only known once the
+    model is built, so its entries are only sorted here and masking.configure checks them."""
+    entries = {s.strip() for s in skip.split(",") if s.strip()}
+    ends = LAYER_ENDS.get(arch)
+    if ends is not None:
+        first, last = ends
+        names = {first if e == SKIP_FIRST else last if e in SKIP_LAST else e for e in entries}
+        entries = {SKIP_FIRST if n == first else SKIP_LAST[1] if n == last else n for n in names}
+    return ",".join(sorted(entries))

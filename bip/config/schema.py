@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
 
 
 from bip.errors import BipError
-from bip.config.names import check_name, check_root_text
+from bip.config.names import canonical_skip, check_name, check_root_text
 
 STAGES = ("pretrain", "prune", "finetune")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
@@ -124,7 +124,8 @@ class PruneConfig:
         _check_choice("prune.layer_type", self.layer_type, LAYER_TYPES)
         _check_choice("prune.score_init", self.score_init, SCORE_INITS)
         _check_range("prune.k", self.k, 0.0, 1.0, low_open=True)
-        _check_range("prune.imp_rate", self.imp_rate, 0.0, 1.0, low_open=True)
+        # A rate of 1 prunes everything in one round: no density (1 - rate)^r to reach.
+        _check_range("prune.imp_rate", self.imp_rate, 0.0, 1.0, low_open=True, high_open=True)
         _check_choice("prune.scope", self.scope, ("global", "layer"))
         _check_choice("prune.on_collapse", self.on_collapse, ("warn", "fail"))
         floor = self.min_layer_keep
@@ -314,6 +315,10 @@ class Config:
             raise BipError(f"pretrain trains a dense model: layer_type must be dense, got {layer_type}")
         if stage != "pretrain" and layer_type == "dense":
             raise BipError(f"stage {stage} needs a pruned layer type (unstructured, filter, channel or nm)")
+        # One spelling per set of layers (one model, one run id): needs the arch, so here.
+        skip = canonical_skip(self.model.arch, self.prune.skip)
+        if skip != self.prune.skip:
+            object.__setattr__(self, "prune", replace(self.prune, skip=skip))
         if stage == "pretrain" and self.eval.select != "last":
             raise BipError("eval.select=best_val chooses a pruned model; a pretrain publishes its last epoch "
                            "(IMP rewinds to it)")

@@ -28,6 +28,11 @@ TOLERANCE = 1e-9  # relative: 0.8 ** 3 is 0.5120000000000001, which is round 3 o
 
 def rounds_for(k: float, rate: float) -> int:
     """Rounds of pruning ``rate`` of the remainder needed to reach density k (>= 1)."""
+    # The schema refuses these already; a library caller gets the same one line, not a math error.
+    if not 0 < rate < 1:
+        raise BipError(f"prune.imp_rate={rate} is out of range (0, 1): IMP prunes a fraction of the remainder")
+    if not 0 < k <= 1:
+        raise BipError(f"imp: k={k} is out of range (0, 1]")
     return max(1, math.ceil(math.log(k) / math.log(1 - rate) - TOLERANCE))
 
 

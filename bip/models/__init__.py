@@ -51,6 +51,17 @@ def model_options(model_cfg) -> dict:
     return {"input_size": model_cfg.input_size, "skip": skip}
 
 
+def check_skip(model_cfg, layer_type: str, skip: str) -> None:
+    """A tv:/timm: model's ``prune.skip`` names existing layers in the canonical spelling
+    (bip.pruning.masking.skipped_layers), checked on a model built on the meta device (no
+    memory, no weights): for the launcher's --dry-run, before any job can fail on it."""
+    import torch
+    from bip.pruning import masking
+    with torch.device("meta"):
+        model = create_model(model_cfg.arch, model_cfg.num_classes or 10, layer_type, **model_options(model_cfg))
+    masking.skipped_layers(model, tuple(s for s in skip.split(",") if s))
+
+
 def create_model(arch: str, num_classes: int, layer_type: str = "dense", *, input_size: int = 0,
                  skip: tuple[str, ...] = ()) -> nn.Module:
     """``arch`` for ``num_classes`` with ``layer_type`` layers.

@@ -64,10 +64,23 @@ def check_name(arch: str) -> None:
                            f"torchvision has: {', '.join(_tv_names())}")
     elif source == "timm":
         timm = _timm()
-        if not timm.is_model(name.split(".")[0]):
+        base, dot, tag = name.partition(".")
+        if not timm.is_model(base):
             raise BipError(f"unknown timm model {name!r} (arch {arch!r}); see timm.list_models()")
+        if dot:  # a pretrained tag picks the input size and normalisation (input_defaults)
+            _check_timm_tag(timm, arch, base, tag)
     else:
         raise BipError(f"unknown model source in {arch!r}; use one of: {', '.join(ZOO_PREFIXES)}")
+
+
+def _check_timm_tag(timm, arch: str, base: str, tag: str) -> None:
+    """``base.tag`` must be one of timm's pretrained configs (``resnet18.a1_in1k``): an unknown
+    or empty tag is one line here, not timm's RuntimeError when the run starts."""
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*")]
+    if tag not in tags:
+        known = ", ".join(tags[:12]) + (", ..." if len(tags) > 12 else "") if tags else "none"
+        raise BipError(f"unknown pretrained tag {tag!r} of timm model {base!r} (arch {arch!r}); "
+                       f"its tags: {known}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -227,12 +227,18 @@ def configure(model: nn.Module, prune) -> Plan:
     sizes) and cache its plan. Layers left dense get an all-ones mask and never change."""
     options = options_from(prune)
     layers = dict(masked_layers(model))
-    skipped = resolve_skip(model, options.skip)
+    skipped = skipped_layers(model, options.skip)
     for name, m in layers.items():
         m.nm = (options.n, options.m)
         m.prunable = name not in skipped
         if not m.is_pruned:
             m.mask.fill_(True)
+    nm = [m for m in layers.values() if m.granularity == "nm" and m.prunable]
+    if nm and not any(m.is_pruned for m in nm):  # every layer dense: nothing to prune (k would lie)
+        sizes = sorted({m.weight.shape[1] for m in nm})
+        shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+        raise BipError(f"prune.m={options.m} leaves every layer dense: no layer's input size ({shown}) "
+                       f"is a multiple of m; choose an m that divides them")
     p = _PLANS[model] = Plan(model, options)
     budget = keep_count(prune.k, p.n_unstructured)
     if options.scope == "global" and sum(p.floors) > budget:
@@ -258,6 +264,27 @@ def resolve_skip(model: nn.Module, skip: tuple[str, ...]) -> set[str]:
             raise BipError(f"prune.skip: no conv or linear layer named {entry!r}; use first, last, "
                            f"classifier or a layer name ({shown})")
     return out
+
+
+def skipped_layers(model: nn.Module, skip: tuple[str, ...]) -> set[str]:
+    """``resolve_skip``, refusing a spelling other than the canonical one (``skip_spelling``):
+    bip.config.names.canonical_skip gives built-in archs that spelling before their run id is
+    computed; a tv:/timm: model's ends are only known once it is built, so its config must use it."""
+    skipped = resolve_skip(model, skip)
+    spelling = skip_spelling(model, skipped)
+    if spelling != ",".join(sorted(set(skip))):
+        raise BipError(f"prune.skip={','.join(skip)!r} selects the layers that prune.skip={spelling!r} "
+                       "names: write it that way (one spelling per model keeps one run id)")
+    return skipped
+
+
+def skip_spelling(model: nn.Module, selected: set[str]) -> str:
+    """The canonical ``prune.skip`` text of a set of layer names (bip.config.names.canonical_skip,
+    which knows the built-in models' ends): ``first`` and ``classifier`` for the first and last
+    conv / linear layer, module names otherwise, sorted."""
+    convs = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ends = {convs[-1]: "classifier", convs[0]: "first"} if convs else {}  # one layer: first
+    return ",".join(sorted({ends.get(name, name) for name in selected}))
 
 
 def refresh_masks(model: nn.Module, k: float, rule: str = "nearest") -> None:
@@ -344,7 +371,8 @@ def sparsity_report(model: nn.Module) -> dict:
     ``kept_fraction`` counts units of the pruned layers (weights for unstructured / nm,
     filters/channels for structured) and is what k controls; ``weight_kept_fraction`` counts
     weights over ALL conv and linear layers, dense ones included. ``dense_layers``: masked-type
-    layers left dense (prune.skip, or an nm layer whose input is not a multiple of M) and why.
+    layers left dense (prune.skip, or an nm layer whose input is not a multiple of M) and why;
+    ``nm_uncovered_params`` (nm runs): the weights of the latter, which the N:M pattern leaves dense.
     """
     per_layer, dense, units_kept, units_total = {}, {}, 0, 0
     masked_ids = set()
@@ -367,10 +395,14 @@ def sparsity_report(model: nn.Module) -> dict:
             n = m.weight.numel()
             weights_total += n
             weights_kept += int(m.mask.count_nonzero()) if id(m) in masked_ids else n
-    return {
+    out = {
         "kept": units_kept, "total": units_total,
         "kept_fraction": units_kept / units_total if units_total else 1.0,
         "weights_kept": weights_kept, "weights_total": weights_total,
         "weight_kept_fraction": weights_kept / weights_total if weights_total else 1.0,
         "dense_layers": dense, "layers": per_layer,
     }
+    nm = [m for _, m in masked_layers(model) if m.granularity == "nm"]
+    if nm:  # weights the N:M pattern could not cover (dense for want of input size, not skipped)
+        out["nm_uncovered_params"] = sum(m.weight.numel() for m in nm if m.prunable and not m.is_pruned)
+    return out

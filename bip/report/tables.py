@@ -88,8 +88,10 @@ def _hashed(folder: Path) -> dict | None:
         doc = json.loads(text)
     except ValueError:
         import yaml
+
+        from bip.config.load import safe_load  # duplicate keys refused
         try:
-            doc = yaml.safe_load(text)
+            doc = safe_load(text)
         except yaml.YAMLError:
             return None
     hashed = doc.get("hashed") if isinstance(doc, dict) else None

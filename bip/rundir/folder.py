@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from bip.config import identity
+from bip.config.load import DuplicateKey, safe_load
 from bip.errors import BipError
 from bip.rundir.atomic import write_json, write_text
 from bip.rundir.diskerror import writing
@@ -122,7 +123,9 @@ def read_config(run_dir: Path, names) -> tuple[dict | None, str | None]:
         doc = json.loads(data)
     except ValueError:
         try:
-            doc = yaml.safe_load(data)
+            doc = safe_load(data)
+        except DuplicateKey as err:  # a hand edit whose second value would silently win
+            return None, f"{identity.CONFIG} has a {err}"
         except yaml.YAMLError:
             return None, f"{identity.CONFIG} is not valid YAML"
     if not (isinstance(doc, dict) and all(key in doc for key in CONFIG_KEYS)

@@ -37,7 +37,7 @@ from bip.train.compile import prepare_model
 from bip.train.distributed import Ranks, check_checkpoint, check_processes, sync_batchnorm
 from bip.train.nonfinite import NonFiniteGuard
 from bip.train.sources import load_source, model_input, parent_result, rewind_epoch, source_path
-from bip.train.state import TrainState, final_file, seed_checkpoint
+from bip.train.state import TrainState, final_file, resume_file, seed_checkpoint
 
 Hook = Callable[[str, dict], None]
 
@@ -52,6 +52,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
     launch/job.py) checkpoints at the next step boundary and raises Interrupted."""
     run_dir = Path(run_dir) if run_dir is not None else identity.run_dir(cfg)
     folder = runfolder.RunFolder(run_dir, cfg.run.lease_stale_min)
+    # What kind of thing --resume names is checked before the done shortcut (a folder without a
+    # checkpoint is a wrong command whatever this run's state); its content only where it seeds
+    # the run: a folder with its own checkpoint (a done run keeps it) resumes from that instead.
+    if cfg.run.resume:
+        resume_file(cfg.run.resume)
     done = folder.done_result()
     if done is not None:
         return done
@@ -159,7 +164,7 @@ def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Run, ranks: Ranks) 
         state = TrainState.from_checkpoint(ckpt, own, job.method)
         state.resumed_from = identity.CHECKPOINT
     elif job.seed_ckpt is not None:
-        state = TrainState.from_checkpoint(job.seed_ckpt, Path(cfg.run.resume), job.method)
+        state = TrainState.from_checkpoint(job.seed_ckpt, resume_file(cfg.run.resume), job.method)
         state.resumed_from = cfg.run.resume
     if not ranks.main:  # the saved sums are all ranks': the main rank carries them
         state.totals = {}

@@ -122,10 +122,25 @@ def final_file(cfg: Config, method) -> dict:
     return {"format": FINAL_FORMAT, "model": method.core.state_dict(), "meta": meta(cfg, method.num_classes)}
 
 
+def resume_file(value: str) -> Path:
+    """A --resume value as a file: a run folder means its checkpoint.pt (which a finished run
+    keeps); a folder without one is refused here, so the message says what the folder lacks."""
+    path = Path(value)
+    if not path.is_dir():
+        return path
+    if not (path / identity.CHECKPOINT).is_file():
+        what = ("a run folder without {} (it never saved one)" if (path / identity.CONFIG).is_file()
+                else "a folder without {} (neither a run folder nor a checkpoint file)")
+        raise BipError(f"--resume {path} is {what.format(identity.CHECKPOINT)}: give a checkpoint "
+                       "file or a run folder that holds one")
+    return path / identity.CHECKPOINT
+
+
 def seed_checkpoint(cfg: Config) -> dict:
-    """The --resume checkpoint, checked before anything is written: it must be a bip
-    checkpoint of THIS run (same run id and seed) unless run.resume_foreign=true."""
-    path = Path(cfg.run.resume)
+    """The --resume checkpoint (a file or a run folder's checkpoint.pt), checked before anything
+    is written: it must be a bip checkpoint of THIS run (same run id and seed) unless
+    run.resume_foreign=true."""
+    path = resume_file(cfg.run.resume)
     ckpt = checkpoint.load(path, "resume checkpoint")
     loader = LOADERS.get(ckpt.get("format"))
     if loader is None or not isinstance(ckpt.get("meta"), dict):
