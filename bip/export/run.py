@@ -8,7 +8,9 @@
 - ``--latency``: dense / masked / thinned forward latency (bip.export.latency) on this machine;
 - ``--nm-sparse``: N:M masks to semi-structured sparse weights (bip.export.nm).
 Results go to ``RUN_DIR/export.json`` (result.json of a finished run is never modified); the
-results index (launch/collect.py) shows them as columns.
+results index (launch/collect.py) shows them as columns. An export holds the folder's lease
+while it writes (bip.rundir.folder.owning), and every file goes through the lease's fence like
+a trainer's: two exports of one run do not write at once (the second is told who holds it).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from bip.models import create_model
 from bip.models.accounting import count_params_and_macs
 from bip.pruning.layers import MaskedLayer
 from bip.rundir import checkpoint
-from bip.rundir.atomic import atomic_write, write_json
+from bip.rundir import folder as runfolder
 
 THIN_FORMAT = "bip-thin-1"
 TOLERANCE = 1e-4
@@ -186,18 +188,35 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
                log=print) -> dict:
     """Write the exports of one finished run and ``RUN_DIR/export.json``; returns its content."""
     model, meta, shape = prepare_run(run_dir, thin, input_size, nm_sparse)
+    with runfolder.owning(run_dir, _stale_min(run_dir)) as folder:
+        return _export(folder, model, meta, shape, thin, onnx, latency, nm_sparse, device, log)
+
+
+def _stale_min(run_dir: Path) -> float:
+    """The run's run.lease_stale_min (config.yaml), else the default."""
+    doc, _ = runfolder.read_config(run_dir, {identity.CONFIG})
+    try:
+        value = float(doc["config"]["run"]["lease_stale_min"])
+    except (TypeError, KeyError, ValueError):
+        return 10.0
+    return value if value > 0 else 10.0
+
+
+def _export(folder: runfolder.RunFolder, model, meta: dict, shape, thin: bool, onnx: bool,
+            latency: tuple[int, ...], nm_sparse: bool, device: str, log) -> dict:
+    run_dir = folder.path
     doc: dict = {"status": "done", "run_id": meta.get("run_id"), "arch": meta["arch"],
                  "layer_type": meta["layer_type"], "k": meta.get("k"), "input_shape": list(shape),
                  "files": {}, "size_bytes": {}}
     dense_state = dense_state_dict(model)
-    checkpoint.save(run_dir / "dense.pt", dense_state)
+    folder.save("dense.pt", dense_state)
     doc["files"]["dense"] = "dense.pt"
     doc["size_bytes"] = {"dense": (run_dir / "dense.pt").stat().st_size,
                          "masked": serialized_size(model.state_dict())}
     thinned = None
     if thin:
         thinned, content, summary = export_thin(model, shape, meta)
-        checkpoint.save(run_dir / "thin.pt", content)
+        folder.save("thin.pt", content)
         doc["files"]["thin"] = "thin.pt"
         doc["size_bytes"]["thin"] = (run_dir / "thin.pt").stat().st_size
         doc.update(summary)
@@ -206,7 +225,7 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
             f"{summary['macs']['effective']:,}; zero weights kept by coupling: "
             f"{summary['macs']['zero_kept']:,}), max |thin - masked| = {summary['max_abs_diff']:.2g}")
         if onnx:
-            doc["files"].update(export_programs(thinned, shape, run_dir, log))
+            doc["files"].update(export_programs(thinned, shape, folder, log))
     if nm_sparse:
         doc["nm"] = nm_export(model, meta, device, log)
     if latency:
@@ -215,7 +234,7 @@ def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: t
         doc.update(headline(doc["latency"]))
         log(f"latency ({doc['latency_device']}, batch {doc['latency_batch']}): thin "
             f"{doc['latency_ms']} ms, dense {doc['latency_ms_dense']} ms, speedup {doc['speedup']}x")
-    write_json(run_dir / identity.EXPORT, doc)
+    folder.write_json(identity.EXPORT, doc)
     return doc
 
 
@@ -232,16 +251,22 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
     except Exception as err:  # noqa: BLE001 - the training result stands; say what went wrong
         log(traceback.format_exc(limit=4))
         doc = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-        write_json(run_dir / identity.EXPORT, doc)
+        if isinstance(err, (runfolder.LeaseHeld, runfolder.FencedOut)):
+            return doc  # another process holds the folder: its files are not ours to write
+        try:
+            with runfolder.owning(run_dir, _stale_min(run_dir)) as folder:
+                folder.write_json(identity.EXPORT, doc)
+        except BipError as again:
+            log(f"export.json not written: {again}")
         return doc
 
 
-def export_programs(thinned: nn.Module, shape, run_dir: Path, log) -> dict:
+def export_programs(thinned: nn.Module, shape, folder: runfolder.RunFolder, log) -> dict:
     """thin.pt2 (torch.export, batch size dynamic) and, with the onnx extra, thin.onnx."""
     x = torch.randn(2, *shape)
     dims = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     program = torch.export.export(thinned.eval(), (x,), dynamic_shapes=dims)
-    atomic_write(run_dir / "thin.pt2", lambda f: torch.export.save(program, f))
+    folder.write_with("thin.pt2", lambda f: torch.export.save(program, f))
     files = {"torch_export": "thin.pt2"}
     try:
         import onnx  # noqa: F401
@@ -252,7 +277,7 @@ def export_programs(thinned: nn.Module, shape, run_dir: Path, log) -> dict:
         return files
     onnx_program = torch.onnx.export(thinned.eval(), (x,), dynamo=True, dynamic_shapes=dims, verbose=False,
                                      input_names=["input"], output_names=["logits"])
-    atomic_write(run_dir / "thin.onnx", lambda f: f.write(onnx_program.model_proto.SerializeToString()))
+    folder.write_with("thin.onnx", lambda f: f.write(onnx_program.model_proto.SerializeToString()))
     files["onnx"] = "thin.onnx"
     return files
 

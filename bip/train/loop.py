@@ -49,7 +49,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
     then the main rank takes the folder's lease (bip/rundir/lease.py), which a second trainer
     finds held (BipError naming the owner). The run resumes from its own checkpoint.pt at the
     exact step, or from ``run.resume`` when it has none. A stop request (a Slurm signal, see
-    launch/job.py) checkpoints at the next step boundary and raises Interrupted."""
+    launch/job.py) checkpoints at the next step boundary and raises Interrupted. Every write
+    goes through the folder's fence (bip/rundir/fence.py): a trainer whose lease a newer one
+    took over (it was paused, or too slow to beat) raises FencedOut, a BipError naming the new
+    owner, at its next write or step boundary, and writes nothing more (no error.json either)."""
     run_dir = Path(run_dir) if run_dir is not None else identity.run_dir(cfg)
     folder = runfolder.RunFolder(run_dir, cfg.run.lease_stale_min)
     done = folder.done_result()
@@ -120,18 +123,22 @@ def _build(cfg: Config, run_dir: Path, ranks: Ranks) -> _Run:
 
 def _claim(folder: runfolder.RunFolder, ranks: Ranks) -> dict | None:
     """The main rank takes the lease; every rank learns the outcome (one broadcast at start)."""
-    outcome = ("ok", None)
+    outcome = ("ok", None, None)
     if ranks.main:
         try:
             done = folder.claim()
-            outcome = ("done", done) if done is not None else ("ok", None)
-        except BipError as err:
-            outcome = ("busy", str(err))
-    outcome = ranks.broadcast(outcome)
-    if outcome[0] == "busy":
-        raise runfolder.LeaseHeld(outcome[1])
+            outcome = ("done" if done is not None else "ok", done, folder.fence_id())
+        except runfolder.LeaseHeld as err:
+            outcome = ("busy", str(err), None)
+        except BipError as err:  # e.g. an owner.json that is a directory: no waiting helps
+            outcome = ("error", str(err), None)
+    kind, value, fence_id = ranks.broadcast(outcome)
+    if kind in ("busy", "error"):
+        raise (runfolder.LeaseHeld if kind == "busy" else BipError)(value)
+    if not ranks.main:  # every rank writes (its error file) only while the lease holds
+        folder.adopt(*fence_id)
     folder.owned = True  # by this run (the main rank holds the lease)
-    return outcome[1]
+    return value
 
 
 def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Run, ranks: Ranks) -> TrainState:
@@ -235,7 +242,7 @@ def _publish_epoch(job: _Run, folder, state: TrainState, row: dict, boundary, lo
     pretrain), then the collapse policy."""
     cfg, epoch = job.cfg, state.epoch
     if folder.main:
-        report.append_metrics(folder.path / identity.METRICS, row)
+        folder.append_metrics(row)
         job.tracker.log(row, epoch)
         log.line(f"epoch {epoch}/{epochs} " + report.summary(row))
     _save(folder, state.to_checkpoint(cfg, job.method), boundary)

@@ -2,10 +2,8 @@
 result and mask files it publishes at the end."""
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 from bip.config import Config, identity
 from bip.models.accounting import macs_from_positions
@@ -69,11 +67,6 @@ def mask_file(cfg: Config, model, sparsity: dict) -> dict:
             "masks": {name: m.mask.bool().cpu().contiguous()  # NCHW whatever the training layout
                       for name, m in masking.masked_layers(model)},
             "report": {**sparsity, "layers": report["layers"]}}
-
-
-def append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def _mean(totals: dict, key: str) -> float | None:
