@@ -100,11 +100,30 @@ class Fence:
 
     # -- the writes ------------------------------------------------------------------------------
 
+    def fenced_out(self) -> FencedOut | None:
+        """None while the folder is ours, else the FencedOut (for an error that a takeover may
+        have caused, e.g. our temp file removed by the new owner's start)."""
+        try:
+            self.check()
+        except FencedOut as out:
+            return out
+        return None
+
     def write(self, name: str, write: Callable, exclusive: bool = False) -> None:
         """Write ``name`` atomically with ``write(file)``; ``exclusive``: never replace an
         existing file (result.json)."""
         self.check()  # not even a temp file once fenced
+        try:
+            self._write(name, write, exclusive)
+        except FencedOut:
+            raise
+        except Exception:
+            out = self.fenced_out()
+            if out is not None:  # the takeover made it fail: say that, not what broke
+                raise out from None
+            raise
 
+    def _write(self, name: str, write: Callable, exclusive: bool) -> None:
         def commit(tmp: str, path: Path) -> None:
             with self.owning():
                 if not exclusive:

@@ -323,6 +323,12 @@ class RunFolder:
         except (OSError, BipError):
             pass  # the folder is the problem, or another trainer's now; the exception still reaches the caller
 
+    def fenced_out(self) -> FencedOut | None:
+        """The FencedOut of a folder this run held and another trainer holds now, else None."""
+        if not self.owned or self.fence is None:
+            return None
+        return self.fence.fenced_out()
+
     def release(self) -> None:
         if self.lease is not None:
             self.lease.release()

@@ -72,6 +72,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
         job.tracker = tracking.open_tracker(cfg, run_dir, identity.run_id(cfg), ranks.main)
         return _train(job, folder, state, ranks, hook)
     except Exception as err:
+        fenced = None if isinstance(err, runfolder.FencedOut) else folder.fenced_out()
+        if fenced is not None:  # whatever broke, the folder is another trainer's now: say so
+            raise fenced from None
         folder.fail(err, ranks.index)
         raise
     finally:

@@ -281,6 +281,25 @@ def test_a_fenced_trainer_writes_nothing_and_names_the_new_owner(tmp_path):
     assert snapshot(folder.path) == before
 
 
+def test_a_write_broken_by_the_takeover_reports_the_takeover(tmp_path):
+    """The new owner's start removes the old owner's temp files: a write of the old owner that
+    fails on that (here: between creating its temp file and writing it) ends as FencedOut, the
+    one line that says what happened, not as a FileNotFoundError."""
+    folder = runfolder.RunFolder(tmp_path / "run", stale_min=10)
+    assert folder.claim() is None
+
+    def write(f):
+        take_over(folder)
+        temps = [folder.path / name for name in os.listdir(folder.path) if name.endswith(".tmp")]
+        for temp in temps:  # what the new owner's claim does
+            temp.unlink()
+        os.chmod(temps[0], 0o644)  # what atomic_write does next: FileNotFoundError
+    with pytest.raises(runfolder.FencedOut, match="to elsewhere pid 4321, generation 2"):
+        folder.fence.write(identity.CHECKPOINT, write)
+    assert sorted(os.listdir(folder.path)) == [identity.OWNER]
+    folder.release()
+
+
 def test_a_published_result_is_never_replaced(tmp_path):
     folder = runfolder.RunFolder(tmp_path / "run", stale_min=10)
     assert folder.claim() is None
