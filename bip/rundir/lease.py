@@ -330,5 +330,8 @@ class Lease:
                     if self.mine():
                         self.path.unlink(missing_ok=True)
                         (self.run_dir / lock.NAME).unlink(missing_ok=True)
+        except OSError as err:  # a folder gone read-only: say so, and let the real error through
+            self.log(f"lease: {self.path} not removed ({err}); the next trainer takes it over "
+                     "(this process is gone)")
         finally:
             _HELD.discard(token)
