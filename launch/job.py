@@ -69,6 +69,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                 _sleep_unless_stopped(WAIT_POLL_S)
             except boundary.Interrupted:
                 _stop(submitit_usr2, rank)
+            except runfolder.FencedOut:
+                raise  # another trainer owns the folder now: record nothing in it
             except BipError as err:
                 if rank == 0 and runfolder.record_setup_error(Path(run_dir), err):
                     print(f"error: {err}", file=sys.stderr, flush=True)

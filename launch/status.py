@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bip.config import identity
 from bip.rundir.folder import Inspection, inspect, lease_live
+from bip.rundir.lease import describe_owner
 from launch.manifest import all_jobs
 from launch.slurm import ACTIVE, UNKNOWN, Accounting, job_states
 from launch.sweep import Plan, Run
@@ -57,8 +58,7 @@ def combine(found: Inspection, slurm_state: str = "", parent: str = "done",
                     and slurm_state and slurm_state not in ACTIVE and slurm_state != UNKNOWN)
     if lease_live(owner) and not dead_job:
         age = time.time() - float(owner.get("heartbeat", time.time()))
-        job_text = f", Slurm job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
-        return "running", f"{owner.get('host')} pid {owner.get('pid')}{job_text}, heartbeat {age:.0f} s ago"
+        return "running", f"{describe_owner(owner)}, heartbeat {age:.0f} s ago"
     if slurm_state in ACTIVE:
         return ("running" if slurm_state == "RUNNING" else "pending"), where
     if slurm_state == UNKNOWN:  # whatever the folder says, the job may still run or be requeued

@@ -8,7 +8,9 @@
 - ``--latency``: dense / masked / thinned forward latency (bip.export.latency) on this machine;
 - ``--nm-sparse``: N:M masks to semi-structured sparse weights (bip.export.nm).
 Results go to ``RUN_DIR/export.json`` (result.json of a finished run is never modified); the
-results index (launch/collect.py) shows them as columns.
+results index (launch/collect.py) shows them as columns. An export holds the folder's lease
+while it writes (bip.rundir.folder.owning), and every file goes through the lease's fence like
+a trainer's: two exports of one run do not write at once (the second is told who holds it).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from bip.models import create_model
 from bip.models.accounting import count_params_and_macs
 from bip.pruning.layers import MaskedLayer
 from bip.rundir import checkpoint
-from bip.rundir.atomic import atomic_write, write_json
+from bip.rundir import folder as runfolder
 
 THIN_FORMAT = "bip-thin-1"
 TOLERANCE = 1e-4
@@ -214,63 +216,89 @@ def validate(run_dir: Path, thin: bool = False, onnx: bool = False, latency: tup
 
 class _Staged:
     """The files of one export under temporary names until all are written: an export that fails
-    half-way (or is killed) leaves the folder's earlier files as they were."""
+    half-way (or is killed) leaves the folder's earlier files as they were. Every write, rename
+    and removal goes through the folder's fence (a trainer that took the folder over wins)."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.paths = run_dir, {}
+    def __init__(self, folder: runfolder.RunFolder):
+        self.folder, self.paths = folder, {}
 
-    def path(self, name: str) -> Path:
-        self.paths[name] = self.run_dir / f".{name}.export-{os.getpid()}.tmp"
+    def _tmp(self, name: str) -> str:
+        self.paths[name] = f".{name}.export-{os.getpid()}.tmp"
         return self.paths[name]
+
+    def save(self, name: str, obj: dict) -> None:
+        self.folder.save(self._tmp(name), obj)
+
+    def write_with(self, name: str, write) -> None:
+        self.folder.write_with(self._tmp(name), write)
+
+    def size(self, name: str) -> int:
+        return (self.folder.path / self.paths[name]).stat().st_size
 
     def commit(self) -> None:
         for name, tmp in self.paths.items():
-            os.replace(tmp, self.run_dir / name)
+            self.folder.rename(tmp, name)
         self.paths = {}
 
     def discard(self) -> None:
         for tmp in self.paths.values():
-            tmp.unlink(missing_ok=True)
+            try:
+                self.folder.remove(tmp)
+            except (BipError, OSError):
+                pass  # fenced out or read-only: a later export overwrites or ignores it
 
 
 def export_run(run_dir: Path, thin: bool = False, onnx: bool = False, latency: tuple[int, ...] = (),
                nm_sparse: bool = False, input_size: int | None = None, device: str = "cpu",
                log=print, name=_flag) -> dict:
     """Write the exports of one finished run and ``RUN_DIR/export.json``; returns its content.
-    Every option is checked first; nothing is written unless every export succeeds."""
+    Every option is checked first; the files are written under the folder's lease (fenced writes,
+    bip/rundir/fence.py), staged under temporary names, and renamed into place only once every
+    export succeeded."""
     model, meta, shape = validate(run_dir, thin, onnx, latency, nm_sparse, input_size, device, name)
-    staged = _Staged(run_dir)
+    with runfolder.owning(run_dir, _stale_min(run_dir)) as folder:
+        staged = _Staged(folder)
+        try:
+            doc = _export(model, meta, shape, staged, thin, onnx, latency, nm_sparse, device, log)
+            staged.commit()
+        finally:
+            staged.discard()
+        folder.write_json(identity.EXPORT, doc)
+        return doc
+
+
+def _stale_min(run_dir: Path) -> float:
+    """The run's run.lease_stale_min (config.yaml), else the default."""
+    doc, _ = runfolder.read_config(run_dir, {identity.CONFIG})
     try:
-        doc = _export(model, meta, shape, staged, thin, onnx, latency, nm_sparse, device, log)
-        staged.commit()
-    finally:
-        staged.discard()
-    write_json(run_dir / identity.EXPORT, doc)
-    return doc
+        value = float(doc["config"]["run"]["lease_stale_min"])
+    except (TypeError, KeyError, ValueError):
+        return 10.0
+    return value if value > 0 else 10.0
 
 
-def _export(model, meta, shape, staged: _Staged, thin, onnx, latency, nm_sparse, device, log) -> dict:
+def _export(model, meta, shape, staged: "_Staged", thin, onnx, latency, nm_sparse, device, log) -> dict:
     doc: dict = {"status": "done", "run_id": meta.get("run_id"), "arch": meta["arch"],
                  "layer_type": meta["layer_type"], "k": meta.get("k"), "input_shape": list(shape),
                  "files": {}, "size_bytes": {}}
     dense_state = dense_state_dict(model)
-    checkpoint.save(staged.path("dense.pt"), dense_state)
+    staged.save("dense.pt", dense_state)
     doc["files"]["dense"] = "dense.pt"
-    doc["size_bytes"] = {"dense": staged.paths["dense.pt"].stat().st_size,
+    doc["size_bytes"] = {"dense": staged.size("dense.pt"),
                          "masked": serialized_size(model.state_dict())}
     thinned = None
     if thin:
         thinned, content, summary = export_thin(model, shape, meta)
-        checkpoint.save(staged.path("thin.pt"), content)
+        staged.save("thin.pt", content)
         doc["files"]["thin"] = "thin.pt"
-        doc["size_bytes"]["thin"] = staged.paths["thin.pt"].stat().st_size
+        doc["size_bytes"]["thin"] = staged.size("thin.pt")
         doc.update(summary)
         log(f"thin.pt: params {summary['params']['thin']:,} (masked effective "
             f"{summary['params']['effective']:,}), MACs {summary['macs']['thin']:,} (effective "
             f"{summary['macs']['effective']:,}; zero weights kept by coupling: "
             f"{summary['macs']['zero_kept']:,}), max |thin - masked| = {summary['max_abs_diff']:.2g}")
         if onnx:
-            doc["files"].update(export_programs(thinned, shape, staged.path, log))
+            doc["files"].update(export_programs(thinned, shape, staged, log))
     if nm_sparse:
         doc["nm"] = nm_export(model, meta, device, log)
     if latency:
@@ -296,20 +324,22 @@ def export_finished_run(run_dir: Path, options: dict, log=print) -> dict:
     except Exception as err:  # noqa: BLE001 - the training result stands; say what went wrong
         log(traceback.format_exc(limit=4))
         doc = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        if isinstance(err, (runfolder.LeaseHeld, runfolder.FencedOut)):
+            return doc  # another process holds the folder: its files are not ours to write
         try:
-            write_json(run_dir / identity.EXPORT, doc)
-        except OSError as again:  # the disk that failed the export (full, read-only)
+            with runfolder.owning(run_dir, _stale_min(run_dir)) as folder:
+                folder.write_json(identity.EXPORT, doc)
+        except (BipError, OSError) as again:  # the disk that failed the export (full, read-only)
             log(f"{identity.EXPORT} not written: {again}")
         return doc
 
 
-def export_programs(thinned: nn.Module, shape, path, log) -> dict:
-    """thin.pt2 (torch.export, batch size dynamic) and, with the onnx extra, thin.onnx;
-    ``path(name)`` is where each file goes."""
+def export_programs(thinned: nn.Module, shape, staged: "_Staged", log) -> dict:
+    """thin.pt2 (torch.export, batch size dynamic) and, with the onnx extra, thin.onnx."""
     x = torch.randn(2, *shape)
     dims = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
     program = torch.export.export(thinned.eval(), (x,), dynamic_shapes=dims)
-    atomic_write(path("thin.pt2"), lambda f: torch.export.save(program, f))
+    staged.write_with("thin.pt2", lambda f: torch.export.save(program, f))
     files = {"torch_export": "thin.pt2"}
     try:
         import onnx  # noqa: F401
@@ -320,7 +350,7 @@ def export_programs(thinned: nn.Module, shape, path, log) -> dict:
         return files
     onnx_program = torch.onnx.export(thinned.eval(), (x,), dynamo=True, dynamic_shapes=dims, verbose=False,
                                      input_names=["input"], output_names=["logits"])
-    atomic_write(path("thin.onnx"), lambda f: f.write(onnx_program.model_proto.SerializeToString()))
+    staged.write_with("thin.onnx", lambda f: f.write(onnx_program.model_proto.SerializeToString()))
     files["onnx"] = "thin.onnx"
     return files
 

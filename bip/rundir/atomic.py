@@ -44,19 +44,22 @@ class _Recording:
         return getattr(self._file, name)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary sibling of ``path``, then rename it over ``path``."""
+def atomic_write(path: Path, write, commit=os.replace, tag: str = "") -> None:
+    """Call ``write(file)`` on a temporary sibling of ``path``, then ``commit(tmp, path)``: rename
+    it over ``path`` (a run folder's owner passes its fenced commit, bip/rundir/fence.py, and its
+    generation as ``tag``, which goes into the temp file's name)."""
     path, tmp, recording = Path(path), None, None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{tag + '.' if tag else ''}",
+                                   suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: teammates must read results too
         with os.fdopen(fd, "wb") as f:
             recording = _Recording(f)
             write(recording)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException as err:
         if tmp is not None:
             try:

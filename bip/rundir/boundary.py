@@ -89,7 +89,7 @@ class Cadence:
 
 class StepBoundary:
     """The one object the loop asks at every step boundary. ``poll`` returns the agreed Action
-    and, for LOST, raises the folder's one-line error on every rank; before a SAVE or STOP it
+    and, for LOST, raises the folder's FencedOut (one line naming the new owner) on every rank; before a SAVE or STOP it
     runs ``before_save`` (the non-finite guard's check: a diverged state is never saved)."""
 
     def __init__(self, folder, every_min: float, world: int, before_save: Callable[[], None]):

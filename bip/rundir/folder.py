@@ -1,9 +1,13 @@
 """The life of one run folder: who owns it, what state its files are in, and how it changes.
 
 - **Ownership** (bip/rundir/lease.py): a trainer takes the folder's lease before it writes anything
-  (``owner.json``: host, pid, Slurm job id, start time, a heartbeat every minute). A second
-  trainer finds it held and stops with one line naming the owner; a stale or dead owner's lease
-  is taken over, logged, and recorded in config.yaml.
+  (``owner.json``: host, pid, Slurm job id, start time, a heartbeat every minute, a generation).
+  A second trainer finds it held and stops with one line naming the owner; a stale or dead
+  owner's lease is taken over, logged, and recorded in config.yaml.
+- **Fencing** (bip/rundir/fence.py): every write of ``RunFolder`` (and of bip.export, through
+  ``owning``) goes through the lease's ``Fence``, which commits only while owner.json is still
+  this trainer's; a trainer whose lease went to a newer generation raises ``FencedOut`` and
+  writes nothing more.
 - **State from files** (``inspect``; one function for train, ``grid.py --status`` and
   ``collect.py``): done only when result.json parses, config.yaml parses and the model file it
   names (final.pt) passes a cheap header check; damaged outputs make the run ``corrupt``.
@@ -28,6 +32,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from contextlib import contextmanager
+
 import yaml
 
 from bip.config import identity
@@ -35,7 +41,9 @@ from bip.config.load import DuplicateKey, safe_load
 from bip.errors import BipError
 from bip.rundir.atomic import write_json, write_text
 from bip.rundir.diskerror import writing
-from bip.rundir.lease import Lease, LeaseHeld, lease_live, owner_line, read_owner, takeover_reason
+from bip.rundir.fence import Fence, FencedOut
+from bip.rundir.lease import (Lease, LeaseHeld, generation_of, lease_live, owner_line, owner_problem,
+                              read_owner, takeover_reason)
 
 CONFIG_KEYS = ("run_id", "parent_id", "config", "provenance")
 
@@ -154,13 +162,15 @@ def first_error(run_dir: Path, names: list[str]) -> str:
 # -- the folder as a trainer uses it -------------------------------------------------------------
 
 class RunFolder:
-    """One trainer's handle on its run folder. Only the main rank writes; ``owned`` says
-    whether this process holds the lease (error files go only into an owned folder)."""
+    """One trainer's handle on its run folder. Only the main rank writes (other ranks: their
+    error files); ``owned`` says whether this run holds the lease (error files go only into an
+    owned folder). Every write goes through ``self.fence`` (bip/rundir/fence.py)."""
 
     def __init__(self, path: Path, stale_min: float, main: bool = True):
         self.path, self.main = Path(path), main
         self.stale_s = stale_min * 60
         self.lease: Lease | None = None
+        self.fence: Fence | None = None
         self.owned = self.started = False
         self.had_state = False
 
@@ -169,10 +179,14 @@ class RunFolder:
         return found.result if found.state == "done" else None
 
     def check_free(self) -> None:
-        """Fail at once (before any work) if a live trainer holds the folder; writes nothing.
-        Only the first process of a multi-process run asks (the others would see its lease)."""
+        """Fail at once (before any work) if a live trainer holds the folder, or its owner.json
+        is no lease file at all; writes nothing. Only the first process of a multi-process run
+        asks (the others would see its lease)."""
         if int(os.environ.get("RANK", "0") or 0) != 0:
             return
+        problem = owner_problem(self.path / identity.OWNER)
+        if problem:
+            raise BipError(problem)
         owner = read_owner(self.path / identity.OWNER)
         if owner is not None and takeover_reason(owner, ask_slurm=True) is None:
             raise LeaseHeld(owner_line(self.path, owner))
@@ -180,10 +194,11 @@ class RunFolder:
     def claim(self) -> dict | None:
         """Main rank: take the lease, then set aside damaged outputs and remove temp files of
         killed writes. Returns the result if another trainer finished the run meanwhile."""
-        lease = Lease(self.path, self.stale_s)
+        lease = Lease(self.path, self.stale_s, floor=max(map(generation_of, self.starts()), default=0))
         with writing(self.path / identity.OWNER):  # a full or read-only disk: one line
             lease.acquire()
         self.lease, self.owned = lease, True
+        self.adopt(lease.record["token"], lease.generation)
         found = inspect(self.path)
         if found.state == "done":
             return found.result
@@ -195,13 +210,27 @@ class RunFolder:
                     self.set_aside(name, stamp)
         for name in found.names:  # atomic writes of a killed process: .<name>.<random>.tmp
             if name.startswith(".") and name.endswith((".tmp", ".stale")):
-                (self.path / name).unlink(missing_ok=True)
+                self.fence.remove(name)
         self.lease.start_heartbeat()
         return None
 
+    def fence_id(self) -> tuple[str, int] | None:
+        """(token, generation) of the lease, for the other ranks (``adopt``)."""
+        return (self.fence.token, self.fence.generation) if self.fence else None
+
+    def adopt(self, token: str, generation: int) -> None:
+        """Write only while the lease (token, generation) holds the folder (every rank)."""
+        self.fence = Fence(self.path, token, generation, starts=self.starts)
+
+    def starts(self) -> list[dict]:
+        """The starts config.yaml records (its history), oldest first."""
+        doc, _ = read_config(self.path, {identity.CONFIG})
+        history = (doc or {}).get("history")
+        return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
     def set_aside(self, name: str, stamp: str | None = None) -> Path:
         target = self.path / f"{name}.corrupt-{stamp or time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(self.path / name, target)
+        self._fence().rename(name, target.name)
         print(f"{self.path / name} is damaged: moved to {target.name}", file=sys.stderr, flush=True)
         return target
 
@@ -217,7 +246,8 @@ class RunFolder:
         history = [h for h in (old or {}).get("history", []) if isinstance(h, dict)]
         if self.lease and self.lease.taken_over:
             entry["took_over"] = {k: self.lease.taken_over.get(k)
-                                  for k in ("host", "pid", "slurm_job_id", "reason")}
+                                  for k in ("host", "pid", "slurm_job_id", "generation", "reason")}
+        entry["generation"] = self._fence().generation
         history.append(entry)
         codes = sorted({(h.get("git_sha"), h.get("git_dirty"), h.get("code")) for h in history},
                        key=lambda c: [str(x) for x in c])
@@ -230,44 +260,86 @@ class RunFolder:
             print(f"warning: {self.path} resumes under other code than it started with: "
                   + " -> ".join(str(c[0])[:10] + ("+dirty" if c[1] else "") for c in codes),
                   file=sys.stderr, flush=True)
-        write_text(self.path / identity.CONFIG, json.dumps(doc, indent=1) + "\n")
+        self.write_text(identity.CONFIG, json.dumps(doc, indent=1) + "\n")
         for name in os.listdir(self.path):
             if name.startswith("error.") and name.endswith(".json"):
-                (self.path / name).unlink(missing_ok=True)
-        trim_metrics(self.path / identity.METRICS, resumed_epoch)
+                self._fence().remove(name)
+        kept = trim_metrics(self.path / identity.METRICS, resumed_epoch)
+        if kept is not None:
+            self.write_text(identity.METRICS, kept)
+
+    # -- the writes (each one fenced) -----------------------------------------------------------
+
+    def _fence(self) -> Fence:
+        if self.fence is None:  # a bug, not a user error: every write needs the lease first
+            raise RuntimeError(f"{self.path}: a write before the lease was taken")
+        return self.fence
+
+    def write_text(self, name: str, text: str, exclusive: bool = False) -> None:
+        data = text.encode()
+        self._fence().write(name, lambda f: f.write(data), exclusive)
+
+    def write_json(self, name: str, obj, exclusive: bool = False) -> None:
+        self.write_text(name, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", exclusive)
+
+    def write_with(self, name: str, write) -> None:
+        """``write(file)`` into ``name`` (e.g. torch.export.save)."""
+        self._fence().write(name, write)
+
+    def rename(self, name: str, new_name: str) -> None:
+        """``name`` -> ``new_name`` inside the folder (a staged export file into place)."""
+        self._fence().rename(name, new_name)
+
+    def remove(self, name: str) -> None:
+        self._fence().remove(name)
 
     def save(self, name: str, obj: dict) -> None:
+        """A torch file (checkpoint.pt, rewind.pt, ...), from the main rank."""
         if self.main:
-            from bip.rundir import checkpoint
-            checkpoint.save(self.path / name, obj)
+            import torch
+            self._fence().write(name, lambda f: torch.save(obj, f))
+
+    def append_metrics(self, row: dict) -> None:
+        """An epoch's line of metrics.jsonl, from the main rank."""
+        if self.main:
+            self._fence().append(identity.METRICS, json.dumps(row, sort_keys=True) + "\n")
 
     def publish(self, final: dict, result: dict, mask: dict | None) -> dict:
-        """mask.pt, final.pt, then result.json (whose presence makes the run done)."""
+        """mask.pt, final.pt, then result.json (whose presence makes the run done; it is
+        committed only where none exists, so a published result is never replaced)."""
         if not self.main:
             return result
-        from bip.rundir import checkpoint
         if mask is not None:
-            checkpoint.save(self.path / identity.MASK, mask)
-        checkpoint.save(self.path / identity.FINAL, final)
+            self.save(identity.MASK, mask)
+        self.save(identity.FINAL, final)
         size = os.path.getsize(self.path / identity.FINAL)
         result = {**result, "final": {"file": identity.FINAL, "bytes": size}}
-        write_json(self.path / identity.RESULT, result)
+        self.write_json(identity.RESULT, result, exclusive=True)
         return result
 
     def fail(self, err: BaseException, rank: int) -> None:
         """error.rank<N>.json from every rank that raised (rank 0 also error.json), only in a
         folder this run owns, and never into a run whose earlier state this start had not yet
-        taken over (a failure before training starts leaves an existing run untouched)."""
+        taken over (a failure before training starts leaves an existing run untouched). A
+        trainer fenced out writes nothing: the folder is not its own any more."""
         if not (self.owned or self.started) or (self.had_state and not self.started):
+            return
+        if isinstance(err, FencedOut) or self.fence is None or self.fence.out is not None:
             return
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}", "rank": rank,
                   "time": time.time(), "host": socket.gethostname()}
         try:
-            write_json(self.path / identity.rank_error(rank), record)
+            self.write_json(identity.rank_error(rank), record)
             if rank == 0:
-                write_json(self.path / identity.ERROR, record)
-        except OSError:
-            pass  # the folder itself is the problem; the exception still reaches the caller
+                self.write_json(identity.ERROR, record)
+        except (OSError, BipError):
+            pass  # the folder is the problem, or another trainer's now; the exception still reaches the caller
+
+    def fenced_out(self) -> FencedOut | None:
+        """The FencedOut of a folder this run held and another trainer holds now, else None."""
+        if not self.owned or self.fence is None:
+            return None
+        return self.fence.fenced_out()
 
     def release(self) -> None:
         if self.lease is not None:
@@ -278,26 +350,48 @@ class RunFolder:
         return self.lease is not None and self.lease.lost is not None
 
     def check_lease(self, lost: bool | None = None) -> None:
-        """Raise (on every rank, given the agreed ``lost``) once the lease went to another trainer."""
+        """Raise FencedOut (on every rank, given the agreed ``lost``) once the lease went to
+        another trainer."""
         if lost or (lost is None and self.lease_lost()):
-            who = (self.lease.lost if self.lease is not None else None) or {}
             self.owned = self.started = False  # the folder is someone else's now: write nothing
-            raise BipError(f"lost the lease of {self.path} to {who.get('host', 'another trainer')} "
-                           f"pid {who.get('pid', '?')}")
+            who = self.lease.lost if self.lease is not None else None
+            fence = self.fence or Fence(self.path, "", 0, starts=self.starts)
+            raise fence.fenced(who or read_owner(self.path / identity.OWNER))
 
 
-def trim_metrics(path: Path, epoch: int) -> None:
-    """On resume, drop metric lines of epochs the checkpoint does not cover."""
+@contextmanager
+def owning(run_dir: Path, stale_min: float = 10.0):
+    """Hold the lease of a run folder while writing files into it from outside the trainer (bip.export):
+    yields a RunFolder whose writes are fenced. A live trainer holding it: LeaseHeld."""
+    folder = RunFolder(Path(run_dir), stale_min)
+    lease = Lease(folder.path, folder.stale_s, floor=max(map(generation_of, folder.starts()), default=0))
+    problem = owner_problem(folder.path / identity.OWNER)
+    if problem:
+        raise BipError(problem)
+    lease.acquire()
+    folder.lease, folder.owned = lease, True
+    folder.adopt(lease.record["token"], lease.generation)
+    lease.start_heartbeat()
+    try:
+        yield folder
+    finally:
+        folder.release()
+
+
+def trim_metrics(path: Path, epoch: int) -> str | None:
+    """On resume, metrics.jsonl without the lines of epochs the checkpoint does not cover (None:
+    no file, or nothing to drop)."""
     if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
+        return None
+    text, keep = path.read_text(), []
+    for line in text.splitlines():
         try:
             if json.loads(line)["epoch"] <= epoch:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by a kill
-    write_text(path, "".join(line + "\n" for line in keep))
+    kept = "".join(line + "\n" for line in keep)
+    return None if kept == text else kept
 
 
 def record_setup_error(run_dir: Path, err: BaseException) -> bool:

@@ -49,7 +49,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
     then the main rank takes the folder's lease (bip/rundir/lease.py), which a second trainer
     finds held (BipError naming the owner). The run resumes from its own checkpoint.pt at the
     exact step, or from ``run.resume`` when it has none. A stop request (a Slurm signal, see
-    launch/job.py) checkpoints at the next step boundary and raises Interrupted."""
+    launch/job.py) checkpoints at the next step boundary and raises Interrupted. Every write
+    goes through the folder's fence (bip/rundir/fence.py): a trainer whose lease a newer one
+    took over (it was paused, or too slow to beat) raises FencedOut, a BipError naming the new
+    owner, at its next write or step boundary, and writes nothing more (no error.json either)."""
     run_dir = Path(run_dir) if run_dir is not None else identity.run_dir(cfg)
     folder = runfolder.RunFolder(run_dir, cfg.run.lease_stale_min)
     # What kind of thing --resume names is checked before the done shortcut (a folder without a
@@ -75,6 +78,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, hook: Hook | None = No
         job.tracker = tracking.open_tracker(cfg, run_dir, identity.run_id(cfg), ranks.main)
         return _train(job, folder, state, ranks, hook)
     except Exception as err:
+        fenced = None if isinstance(err, runfolder.FencedOut) else folder.fenced_out()
+        if fenced is not None:  # whatever broke, the folder is another trainer's now: say so
+            raise fenced from None
         folder.fail(err, ranks.index)
         raise
     finally:
@@ -127,22 +133,26 @@ def _build(cfg: Config, run_dir: Path, ranks: Ranks) -> _Run:
 
 def _claim(folder: runfolder.RunFolder, ranks: Ranks) -> dict | None:
     """The main rank takes the lease; every rank learns the outcome (one broadcast at start)."""
-    outcome, failed = ("ok", None), None
+    outcome, failed = ("ok", None, None), None
     if ranks.main:
         try:
             done = folder.claim()
-            outcome = ("done", done) if done is not None else ("ok", None)
+            outcome = ("done" if done is not None else "ok", done, folder.fence_id())
         except diskerror.DiskError as err:  # not "busy": a launcher job waits for a busy folder
-            outcome, failed = ("disk", str(err)), err
-        except BipError as err:
-            outcome = ("busy", str(err))
-    outcome = ranks.broadcast(outcome)
-    if outcome[0] == "busy":
-        raise runfolder.LeaseHeld(outcome[1])
-    if outcome[0] == "disk":
-        raise failed or diskerror.DiskError(outcome[1])
+            outcome, failed = ("disk", str(err), None), err
+        except runfolder.LeaseHeld as err:
+            outcome = ("busy", str(err), None)
+        except BipError as err:  # e.g. an owner.json that is a directory: no waiting helps
+            outcome = ("error", str(err), None)
+    kind, value, fence_id = ranks.broadcast(outcome)
+    if kind in ("busy", "error"):
+        raise (runfolder.LeaseHeld if kind == "busy" else BipError)(value)
+    if kind == "disk":
+        raise failed or diskerror.DiskError(value)
+    if not ranks.main:  # every rank writes (its error file) only while the lease holds
+        folder.adopt(*fence_id)
     folder.owned = True  # by this run (the main rank holds the lease)
-    return outcome[1]
+    return value
 
 
 def _restore(cfg: Config, folder: runfolder.RunFolder, job: _Run, ranks: Ranks) -> TrainState:
@@ -273,7 +283,7 @@ def _publish_epoch(job: _Run, folder, state: TrainState, row: dict, boundary, lo
     run trains to it again and writes it."""
     cfg, epoch = job.cfg, state.epoch
     if folder.main:
-        report.append_metrics(folder.path / identity.METRICS, row)
+        folder.append_metrics(row)
         job.tracker.log(row, epoch)
         log.line(f"epoch {epoch}/{epochs} " + report.summary(row))
     ckpt = state.to_checkpoint(cfg, job.method)

@@ -2,16 +2,12 @@
 result and mask files it publishes at the end."""
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
 from bip.config import Config, identity
 from bip.models.accounting import macs_from_positions
 from bip.pruning import collapse, masking
-from bip.rundir.diskerror import writing
 from bip.train import compute
 from bip.train.distributed import Ranks, reduce_totals
 from bip.train.evaluate import evaluate, recalibrate_bn
@@ -79,22 +75,6 @@ def mask_file(cfg: Config, model, sparsity: dict) -> dict:
             "masks": {name: m.mask.bool().cpu().contiguous()  # NCHW whatever the training layout
                       for name, m in masking.masked_layers(model)},
             "report": {**sparsity, "layers": report["layers"]}}
-
-
-def append_metrics(path: Path, row: dict) -> None:
-    """One line per epoch; a failed append (full disk) is cut back off, so the file never holds
-    half a line, and is a one-line DiskError naming the file."""
-    with writing(path):
-        size = path.stat().st_size if path.exists() else 0
-        try:
-            with open(path, "ab") as f:
-                f.write((json.dumps(row, sort_keys=True) + "\n").encode())
-        except OSError:
-            try:
-                os.truncate(path, size)
-            except OSError:
-                pass  # read-only: a start drops a cut line (bip.rundir.folder.trim_metrics)
-            raise
 
 
 def _mean(totals: dict, key: str) -> float | None:
