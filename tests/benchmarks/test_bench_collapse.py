@@ -61,7 +61,7 @@ def test_bip_vs_imp_grid_expands_as_documented(tmp_path):
     assert {s: len(r) for s, r in plan.runs.items()} == {"pretrain": 3, "prune": 6 * 12 + 3 * 21, "finetune": 4 * 12}
     epochs = {(r.cfg.prune.method, r.cfg.prune.score_step_clip, r.cfg.train.epochs) for r in plan.runs["prune"]}
     assert epochs == {("bip", 0, 5), ("bip", 0.01, 5), ("hydra", 0, 5), ("hydra", 0.01, 5),
-                      ("omp", 0, 5), ("random", 0, 5), ("imp", 0, 2)}
+                      ("omp", 0, 5), ("random", 0, 5), ("imp", 0, 5)}
     assert {r.cfg.prune.min_layer_keep for r in plan.runs["prune"]} == {10}
     assert {r.cfg.train.epochs for r in plan.runs["finetune"]} == {5}  # the same budget for every finetune
     assert {(r.cfg.train.epochs, r.cfg.train.rewind_epoch) for r in plan.runs["pretrain"]} == {(20, 20)}
