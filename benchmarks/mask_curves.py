@@ -36,6 +36,20 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def summary(runs: dict[str, list[dict]], results: dict[str, dict]) -> list[str]:
+    """One row per run: the first epoch's score step ratio, the last epoch's mask fields, and
+    result.json's test accuracy at the best validation epoch."""
+    lines = ["| run | score step ratio, epoch 1 | churn since start | overlap with magnitude | train acc | "
+             "test acc at best val |", "|---|---|---|---|---|---|"]
+    for label, rows in runs.items():
+        first, last = rows[0], rows[-1]
+        best = results[label].get("test_acc_at_best_val")
+        lines.append(f"| {label} | {first.get('score_step_ratio', float('nan')):.3g} | "
+                     f"{last.get('mask_churn_start', float('nan')):.3f} | {last.get('mask_overlap_magnitude', float('nan')):.3f} | "
+                     f"{last['train_acc']:.1f} | {best if best is None else round(best, 1)} |")
+    return lines
+
+
 def plot(runs: dict[str, list[dict]], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -68,11 +82,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=LABEL (a folder with metrics.jsonl)")
     p.add_argument("--out", type=Path, default=Path("mask_curves.png"))
+    p.add_argument("--summary", action="store_true", help="one row per run (no figure)")
     args = p.parse_args(argv)
-    runs = {}
+    runs, results = {}, {}
     for spec in args.runs:
         path, _, label = spec.partition("=")
-        runs[label or Path(path).parent.name] = read(Path(path))
+        label = label or Path(path).parent.name
+        runs[label] = read(Path(path))
+        done = Path(path) / "result.json"
+        results[label] = json.loads(done.read_text()) if done.is_file() else {}
+    if args.summary:
+        print("\n".join(summary(runs, results)))
+        return 0
     print("\n".join(table(runs)))
     plot(runs, args.out)
     return 0

@@ -108,10 +108,15 @@ class Method:
         mask monitor (run.diagnostics)."""
         masking.init_scores(model, self.cfg.prune.score_init)
         k = self.cfg.prune.k
+        masking.refresh_masks(model, k)  # the monitor's start mask is the one at k
+        self._start_monitor(model)
+        if self.cfg.prune.ramp_epochs:
+            masking.refresh_masks(model, masking.ramp_k(k, 0.0, self.cfg.prune.ramp_epochs))
+
+    def _start_monitor(self, model: nn.Module, rule: str = "nearest") -> None:
+        """The mask monitor (run.diagnostics), from the first mask at k (reads nothing it changes)."""
         if self.cfg.run.diagnostics != "none":
-            masking.refresh_masks(model, k)  # the monitor's start mask is the one at k
-            self.monitor = MaskMonitor(model, k, self.cfg.run.diagnostics)
-        masking.refresh_masks(model, masking.ramp_k(k, 0.0, self.cfg.prune.ramp_epochs))
+            self.monitor = MaskMonitor(model, self.cfg.prune.k, self.cfg.run.diagnostics, rule)
 
     @torch.no_grad()
     def _clip_score_steps(self, scores: list[torch.Tensor], lr: float) -> None:

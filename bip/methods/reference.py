@@ -75,6 +75,7 @@ class BipReference(Method):
         self.upper = make_optimizer("sgd", self.params, b.mask_lr, o.momentum, o.wd, foreach=False)
         self.optimizers = {"lower": self.lower, "upper": self.upper}
         self.refresh()
+        self._start_monitor(model, rule="reference")
 
     def refresh(self) -> None:
         masking.refresh_masks(self.core, self.cfg.prune.k, rule="reference")
@@ -124,6 +125,8 @@ class BipReference(Method):
                     p.grad.add_((-self.cfg.bip.lr2 * p.grad) * g_b)
         self.upper.step()
         self.refresh()
+        if self.monitor is not None:
+            self.monitor.after_refresh()
         # 5. the released code's logging forward (moves BN running statistics once more).
         with torch.no_grad(), self._autocast():
             out = self._forward(x_t)
@@ -147,6 +150,7 @@ class HydraReference(Method):
         self.opt = make_optimizer(o.optimizer, self.params, o.lr, o.momentum, o.wd, foreach=False)
         self.optimizers = {"scores": self.opt}
         masking.refresh_masks(self.core, cfg.prune.k, rule="reference")
+        self._start_monitor(model, rule="reference")
 
     def on_epoch_start(self, epoch: int) -> None:
         o = self.cfg.optim
@@ -161,4 +165,6 @@ class HydraReference(Method):
         all_reduce_grads(self.params)
         self.opt.step()
         masking.refresh_masks(self.core, self.cfg.prune.k, rule="reference")
+        if self.monitor is not None:
+            self.monitor.after_refresh()
         return self._stats(loss, out, y)

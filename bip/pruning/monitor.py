@@ -2,10 +2,10 @@
 
 At 98-99 % sparsity a learned mask can end below the magnitude mask it started from; these
 fields show how (docs/experiments/2026-12-08-high-sparsity.md). Every epoch row of a run that
-trains scores (BiP, HYDRA) gets, in ``epoch`` mode:
+trains scores (BiP and HYDRA, every variant) gets, in ``epoch`` mode:
 
 - ``mask_churn_epoch`` / ``mask_churn_start``: the fraction of the kept set that is not in the
-  kept set of the epoch's start / of the run's first mask;
+  kept set of the epoch's start / of the run's first mask at k (the initial scores' top-k);
 - ``mask_overlap_magnitude``: the fraction of the kept set that the one-shot magnitude mask of
   the starting weights (OMP's mask, the same k and floor) also keeps;
 - ``bn_drift``: the mean over BatchNorm layers of ||running_mean - start|| / ||start|| + the same

@@ -106,9 +106,10 @@ def _tiny_run(tmp_path, name: str, extra=()):
     return result, rows, run_dir
 
 
-@pytest.mark.parametrize("name", ["hydra", "bip"])
-def test_a_run_logs_the_mask_metrics(tmp_path, name):
-    result, rows, _ = _tiny_run(tmp_path, name, ["run.diagnostics=step"])
+@pytest.mark.parametrize("name,extra", [("hydra", []), ("bip", []), ("bip-reference", []),
+                                        ("hydra", ["prune.variant=reference"])])
+def test_a_run_logs_the_mask_metrics(tmp_path, name, extra):
+    result, rows, _ = _tiny_run(tmp_path, name, ["run.diagnostics=step", *extra])
     for row in rows:
         for key in ("mask_churn_epoch", "mask_churn_start", "mask_overlap_magnitude", "bn_drift",
                     "mask_churn_step", "score_step_ratio", "mask_layers"):
