@@ -326,6 +326,10 @@ class Config:
                     if getattr(self.prune, k.split(".")[1]) != getattr(_PRUNE_DEFAULTS, k.split(".")[1])]
         released = self.prune.method == "bip" and self.bip.variant == "reference" or (
             self.prune.method == "hydra" and self.prune.variant == "reference")
+        score_based = stage == "prune" and self.prune.method in ("bip", "hydra")
+        if score_based and self.prune.ramp_epochs and self.prune.ramp_epochs >= self.train.epochs:
+            raise BipError(f"prune.ramp_epochs={self.prune.ramp_epochs:g} must end before the last epoch "
+                           f"(train.epochs={self.train.epochs}): the run would never keep exactly k")
         if dynamics and stage == "prune" and released:
             raise BipError(f"{', '.join(dynamics)}: the reference variant reproduces the released code "
                            "exactly and has no such option")

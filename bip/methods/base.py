@@ -65,6 +65,7 @@ class Method:
         self._passes = [0, 0]
         self.monitor: MaskMonitor | None = None  # score-based methods (bip.pruning.monitor)
         self._refreshes = 0  # optimizer steps so far (prune.refresh_every counts them)
+        self.ramp_end = 0.0  # epochs of the sparsity ramp: the mask keeps exactly k after them
         if cfg.run.stage == "prune":  # skip, N:M groups, budget scope and floor of this run
             masking.configure(model, cfg.prune)
 
@@ -111,7 +112,8 @@ class Method:
         masking.refresh_masks(model, k)  # the monitor's start mask is the one at k
         self._start_monitor(model)
         if self.cfg.prune.ramp_epochs:
-            masking.refresh_masks(model, masking.ramp_k(k, 0.0, self.cfg.prune.ramp_epochs))
+            self.ramp_end = self.cfg.prune.ramp_epochs
+            masking.refresh_masks(model, masking.ramp_k(k, 0.0, self.ramp_end))
 
     def _start_monitor(self, model: nn.Module, rule: str = "nearest") -> None:
         """The mask monitor (run.diagnostics), from the first mask at k (reads nothing it changes)."""

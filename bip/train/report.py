@@ -39,7 +39,9 @@ def end_epoch(job, state: TrainState, ranks: Ranks, log, started: float | None =
     if trained:
         compute.close_epoch(state.compute, macs_from_positions(job.model, job.positions)["macs_effective"])
         row.update(compute.epoch_fields(state.compute))
-        if row.get("val_acc", -1.0) > state.best["val_acc"]:
+        # Mid-ramp epochs (prune.ramp_epochs) keep more than k: they are not candidates.
+        settled = state.epoch + 1 > job.method.ramp_end
+        if settled and row.get("val_acc", -1.0) > state.best["val_acc"]:
             state.best = {"val_acc": row["val_acc"], "epoch": state.epoch + 1, "test_acc": row["test_acc"]}
     return row
 

@@ -198,6 +198,7 @@ def test_defaults_leave_ids_unhashed():
 @pytest.mark.parametrize("bad,words", [
     (["prune.hysteresis=0.1", "prune.layer_type=filter"], "hysteresis"),
     (["prune.ramp_epochs=2", "prune.layer_type=channel"], "ramp_epochs"),
+    (["prune.method=hydra", "prune.ramp_epochs=2", "train.epochs=2"], "never keep exactly k"),
     (["prune.refresh_every=0"], "refresh_every"),
     (["prune.score_step_clip=-1"], "score_step_clip"),
     (["eval.select=best"], "eval.select"),
