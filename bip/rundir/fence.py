@@ -146,7 +146,7 @@ class Fence:
         """Append ``text`` to ``name`` (metrics.jsonl). A failed append (a full disk) is cut back
         off, so the file never holds half a line, and is a one-line DiskError naming the file."""
         path = self.run_dir / name
-        with self.owning(), writing(path):
+        with writing(path), self.owning():  # a lock file that cannot be made is a disk error too
             size = path.stat().st_size if path.exists() else 0
             try:
                 with open(path, "ab") as f:
@@ -161,11 +161,11 @@ class Fence:
                 raise
 
     def remove(self, name: str) -> None:
-        with self.owning():
+        with writing(self.run_dir / name), self.owning():
             (self.run_dir / name).unlink(missing_ok=True)
 
     def rename(self, name: str, new_name: str) -> None:
-        with self.owning():
+        with writing(self.run_dir / new_name), self.owning():
             os.replace(self.run_dir / name, self.run_dir / new_name)
 
 

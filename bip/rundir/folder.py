@@ -368,7 +368,8 @@ def owning(run_dir: Path, stale_min: float = 10.0):
     problem = owner_problem(folder.path / identity.OWNER)
     if problem:
         raise BipError(problem)
-    lease.acquire()
+    with writing(folder.path / identity.OWNER):  # a full or read-only disk: one line
+        lease.acquire()
     folder.lease, folder.owned = lease, True
     folder.adopt(lease.record["token"], lease.generation)
     lease.start_heartbeat()

@@ -253,7 +253,10 @@ class Lease:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError:  # a full disk: leave no temp file behind
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # read-only: unlink fails even for a missing file; the error below says why
             raise
         try:
             os.link(tmp, self.path)
