@@ -91,6 +91,7 @@ class Method:
         state = {name: opt.state_dict() for name, opt in self.optimizers.items()}
         if self.monitor is not None:
             state["_monitor"] = self.monitor.state_dict()
+        if self._refreshes:  # prune.refresh_every counts from the run's first step
             state["_refreshes"] = self._refreshes
         return state
 

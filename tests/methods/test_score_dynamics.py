@@ -1,6 +1,7 @@
 """The mask-dynamics options of score-based methods (prune.refresh_every, hysteresis, ramp_epochs,
 score_step_clip), the mask monitor (run.diagnostics), eval.bn_recalibrate and eval.select: each
 does what its docs say, and none changes a run that does not set it."""
+import copy
 import json
 
 import pytest
@@ -209,3 +210,24 @@ def test_bad_options_are_one_line_errors(bad, words):
     from bip.errors import BipError
     with pytest.raises(BipError, match=words):
         load_config([], ["run.stage=prune", "prune.layer_type=unstructured", "prune.k=0.3", *bad])
+
+
+@pytest.mark.parametrize("diagnostics", ["none", "step"])
+def test_refresh_every_keeps_its_phase_across_a_resume(diagnostics):
+    extra = ["prune.refresh_every=3", "optim.lr=1.0", f"run.diagnostics={diagnostics}"]
+    a, model_a = _method("hydra", extra)
+    batches = image_batches(6)
+    for batch in batches[:4]:
+        a.step([batch], 0.0)
+    # deep copies: load_state_dict may keep the very tensors (momentum buffers) it is given
+    saved_model, saved_method = copy.deepcopy(model_a.state_dict()), copy.deepcopy(a.state_dict())
+    # The same source (as a resumed run builds it), then the checkpoint's state.
+    b, model_b = _method("hydra", extra)
+    model_b.load_state_dict(saved_model)
+    b.load_state_dict(saved_method)
+    for batch in batches[4:]:
+        a.step([batch], 0.0)
+        b.step([batch], 0.0)
+        assert all(torch.equal(x, y) for x, y in zip(_masks(model_a), _masks(model_b)))
+    if diagnostics == "step":
+        assert a.monitor.epoch_fields() == b.monitor.epoch_fields()
