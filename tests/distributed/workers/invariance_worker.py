@@ -92,6 +92,8 @@ def global_batches(step: int, streams: int, dtype):
 def snapshot(m) -> dict:
     state = {f"model.{k}": v.detach().clone() for k, v in m.core.state_dict().items()}
     for name, opt in m.state_dict().items():
+        if name.startswith("_"):  # the mask monitor's sums and step counter, not an optimizer
+            continue
         for index, slots in opt["state"].items():
             for slot, value in slots.items():
                 if torch.is_tensor(value):
