@@ -63,8 +63,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def safe_load(text: str | bytes) -> Any:
-    """yaml.safe_load that refuses duplicate keys (every YAML bip and launch read goes here)."""
-    return yaml.load(text, Loader=UniqueKeyLoader)
+    """yaml.safe_load that refuses duplicate keys (every YAML bip and launch read goes here).
+    The loader is a yaml.SafeLoader subclass, driven directly (what yaml.safe_load does with
+    its own SafeLoader), so no unsafe constructor is ever reachable."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -108,10 +108,9 @@ class MaskMonitor:
         ratios = (self.ratio / max(steps, 1.0)).tolist()
         if self.mode == "step" and steps:
             row["mask_churn_step"] = round(float(self.sums[1]) / steps, 8)
-            total = sum(float(torch.linalg.vector_norm(m.scores.detach().double())) for m in self.layers)
             # size-weighted: each layer's ratio times its share of ||S|| (the global ratio).
             norms = [float(torch.linalg.vector_norm(m.scores.detach().double())) for m in self.layers]
-            row["score_step_ratio"] = round(sum(r * n for r, n in zip(ratios, norms)) / max(total, 1e-30), 8)
+            row["score_step_ratio"] = round(sum(r * n for r, n in zip(ratios, norms)) / max(sum(norms), 1e-30), 8)
         row["mask_layers"] = {
             name: [int(m.sum()), int(mag.sum())] + ([round(r, 8)] if self.mode == "step" else [])
             for name, m, mag, r in zip(self.names, masks, self.magnitude, ratios)}
